@@ -17,6 +17,7 @@ tiny model does badly; with the steps written out (CoT) each step is a lookup it
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -108,15 +109,31 @@ def load_jsonl_records(path: str | Path) -> list[dict]:
         raise ValueError(f"data file not found: {path}")
     from datasets import load_dataset  # imported here: the rest of the project runs without `datasets`
 
-    rows = load_dataset("json", data_files=str(path), split="train")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # errors stay one line on stderr
+    try:
+        rows = load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:  # a malformed file: say which, in one line
+        raise ValueError(f"{path}: not a JSON / JSONL file of records ({type(e).__name__})") from None
     out = []
     for i, row in enumerate(rows):
-        missing = [k for k in ("question", "answer") if not row.get(k)]
+        # `datasets` fills a field missing from some rows with None, so check values, not keys
+        missing = [k for k in ("question", "answer") if row.get(k) in (None, "")]
         if missing:
-            raise ValueError(f"{path}: row {i} has no {', '.join(missing)} (fields found: {sorted(row)})")
+            present = sorted(k for k, v in row.items() if v is not None)
+            raise ValueError(f"{path}: row {i} has no {' or '.join(missing)} (fields present: {present})")
         steps = row.get("steps") or []
         out.append({"question": str(row["question"]), "steps": [str(s) for s in steps], "answer": str(row["answer"])})
     return out
+
+
+def load_records(data: str, split: str, seed: int = 0) -> list[dict]:
+    """The one entry point: `synthetic` (the embedded task) or a path to a local JSON / JSONL file."""
+    if data == "synthetic":
+        splits = synthetic_splits(seed)
+        if split not in splits:
+            raise ValueError(f"--data synthetic has splits {sorted(splits)}, not {split!r}")
+        return splits[split]
+    return load_jsonl_records(data)
 
 
 def as_dataset(records: list[dict]):

@@ -1,0 +1,439 @@
+"""
+Evaluate a checkpoint written by train.py: accuracy over N runs, unbiased pass@k, chain length.
+
+    python eval.py --checkpoint runs/dropout                      # synthetic test split, the paper's eval policy
+    python eval.py --checkpoint runs/latent --runs 5              # Latent-GRPO low tasks: pass@1 = mean of 5 runs
+    python eval.py --checkpoint runs/latent --runs 8 --k 1,4,8 --explore true   # pass@k under the training policy
+    python eval.py --checkpoint runs/dropout/checkpoint --data gsm_test.jsonl --limit 200 --out dropout_gsm.json
+
+`--checkpoint` is a checkpoint directory (it holds `algorithm.json`) or a run directory holding `checkpoint/`.
+The result is printed as a small table and written as JSON to `--out` (default: `<checkpoint>/eval.json`).
+
+What is measured, and how each paper measures it:
+- Each algorithm names its scoring rule (`answer_format`). "coconut" is Coconut's run.py: the text after the
+  last "#", commas removed, compared as strings ("18.0" is wrong when the gold is "18"). "math" is Latent-GRPO's
+  low-task script: the last \\boxed{}, else the text after "####", else the last number, compared after
+  Hendrycks-MATH normalisation or as numbers within 1e-5.
+- `--explore false` (default) is each paper's own evaluation policy (Coconut: greedy, no dropout mask;
+  Latent-GRPO: deterministic latent phase, answer sampled at T 0.6 / top-p 0.95). `--explore true` is the
+  training rollout policy, which is what pass@k under "Gumbel sampling" / "mask sampling" refers to.
+- accuracy = pass@1 = mean accuracy over `--runs` runs, each run seeded `seed + run`. pass@k uses the unbiased
+  estimator 1 - C(n-c, k)/C(n, k) with n = runs, averaged over problems; only k <= runs is reported.
+- mean_length counts generated positions (latent and token) over non-truncated outputs, averaged per run and
+  then over runs, as the Latent-GRPO low-task script does.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import load_records
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coconut's scoring (run.py): the answer follows the last "#" ("### 18"); exact string match after removing commas.
+
+
+def coconut_answer(text: str) -> str:
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def coconut_reward(text: str, gold: str) -> float:
+    return float(coconut_answer(text) == gold.replace(",", "").strip())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent-GRPO's scoring (eval/eval_low_tasks_sglang.py, itself the Hendrycks-MATH `strip_string` normalisation).
+
+
+def _fix_sqrt(s: str) -> str:
+    """\\sqrt2 -> \\sqrt{2}."""
+    head, *tails = s.split("\\sqrt")
+    for t in tails:
+        head += "\\sqrt" + (t if t.startswith("{") or not t else "{" + t[0] + "}" + t[1:])
+    return head
+
+
+def _fix_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
+    head, *tails = s.split("\\frac")
+    out = head
+    for t in tails:
+        out += "\\frac"
+        if t.startswith("{"):
+            out += t
+        elif len(t) < 2:  # a dangling "\frac": leave the whole string alone, as the original does
+            return s
+        elif t[1] == "{":
+            out += "{" + t[0] + "}" + t[1:]
+        else:
+            out += "{" + t[0] + "}{" + t[1] + "}" + t[2:]
+    return out
+
+
+def _fix_a_slash_b(s: str) -> str:
+    """3/4 -> \\frac{3}{4}, only for two plainly written integers."""
+    if s.count("/") != 1:
+        return s
+    a, b = s.split("/")
+    try:
+        if f"{int(a)}/{int(b)}" == s:
+            return f"\\frac{{{int(a)}}}{{{int(b)}}}"
+    except ValueError:
+        pass
+    return s
+
+
+def strip_string(s: str) -> str:
+    """Hendrycks et al.'s MATH answer normalisation, step for step as in Latent-GRPO's eval script."""
+    s = str(s).replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.replace("\\$", "")
+    s = s.split("\\text{ ")[0]  # units, "5 \text{ cm}" (the original crashes on two of them; we keep the first part)
+    s = s.replace("\\%", "")  # a bare "%" stays: "50%" != "50", as in the original
+    s = s.replace(",", "")
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    lhs_rhs = s.split("=")
+    if len(lhs_rhs) == 2 and len(lhs_rhs[0]) <= 2:  # "x = 5" -> "5": a short name on the left is dropped
+        s = lhs_rhs[1]
+    s = _fix_sqrt(s)
+    s = s.replace(" ", "")
+    s = _fix_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _fix_a_slash_b(s)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces) or "\\boxed ..." (up to "$"); \\fbox{} if no \\boxed.
+
+    (The official script lets any "\\boxed " win over a later "\\boxed{}", and drops \\fbox answers when it strips
+    the wrapper; here the last one of either form counts, and \\fbox works.)
+    """
+    start = text.rfind("\\boxed")
+    name = "\\boxed"
+    if start < 0:
+        start, name = text.rfind("\\fbox"), "\\fbox"
+        if start < 0:
+            return None
+    rest = text[start + len(name):]
+    if rest.startswith(" "):
+        return rest[1:].split("$")[0]
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return rest[1:i]
+    return None  # unbalanced: no boxed answer
+
+
+_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\d*\.?\d+"
+
+
+def math_answer(text: str) -> str:
+    """The last \\boxed{} answer, else the text after the last "####", else the last number; "" if none."""
+    pred = _last_boxed(text) or ""
+    if not pred and "####" in text:
+        pred = text.split("####")[-1].strip()
+    if not pred:
+        numbers = re.findall(_NUMBER, text)
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred).strip().strip("$ ")
+    pred = pred.removeprefix(":")
+    return pred[:-1] if pred.endswith((".", "/")) else pred
+
+
+def _as_number(s: str) -> float | None:
+    """A normalised answer as a number: "18", "-2.5", "\\frac{3}{4}"; None if it is not one."""
+    s = strip_string(s)  # once more, as the official script does (strip_string is not idempotent on odd input)
+    frac = re.fullmatch(r"\\frac\{([+-]?\d+(?:\.\d+)?)\}\{([+-]?\d+(?:\.\d+)?)\}", s)
+    if frac:
+        den = float(frac.group(2))
+        return float(frac.group(1)) / den if den else None
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _normalise(answer: str) -> str:
+    answer = str(answer).strip()
+    if "boxed" in answer or "####" in answer:  # a gold written as "#### 18" or "\boxed{18}"
+        answer = math_answer(answer)
+    return strip_string(answer)
+
+
+def math_equal(pred: str, gold: str) -> bool:
+    """Equal after `strip_string`, or both numbers within 1e-5 ("18.0" == "18", "0.75" == "\\frac{3}{4}")."""
+    a, b = _normalise(pred), _normalise(gold)
+    if a == b:
+        return True
+    x, y = _as_number(a), _as_number(b)
+    return x is not None and y is not None and abs(x - y) <= 1e-5
+
+
+def math_reward(text: str, gold: str) -> float:
+    return float(math_equal(math_answer(text), gold))
+
+
+# An algorithm class names its rule in `answer_format`.
+REWARDS = {"coconut": coconut_reward, "math": math_reward}
+ANSWERS = {"coconut": coconut_answer, "math": math_answer}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k).
+
+    Written as a product, C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i), so it never overflows.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithms, imported only when asked for (train.py uses this registry too). A new method is one line here.
+
+ALGORITHMS = {"dropout_grpo": "dropout_grpo:DropoutGRPO", "latent_grpo": "latent_grpo:LatentGRPO"}
+
+
+def algorithm_class(name: str) -> type:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    module, cls = ALGORITHMS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The directory holding `algorithm.json`: `path` itself, or `path/checkpoint` for a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint directory not found: {path}")
+    if (path / "checkpoint" / "algorithm.json").is_file():
+        return path / "checkpoint"
+    if not (path / "algorithm.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint: no algorithm.json in it or in {path / 'checkpoint'}")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device):
+    """(algo, model, tokenizer) from a directory written by train.py; the model is on `device`, in eval mode."""
+    path = checkpoint_dir(path)
+    try:
+        meta = json.loads((path / "algorithm.json").read_text())
+        name, config, stage = meta["algo"], meta["config"], int(meta["stage"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / 'algorithm.json'}: not a valid algorithm file ({type(e).__name__}: {e})") from e
+    cls = algorithm_class(name)
+    try:
+        cfg = cls.Config(**config)
+    except TypeError as e:
+        raise ValueError(f"{path / 'algorithm.json'}: config does not fit {name}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    except OSError as e:
+        raise ValueError(f"cannot load the model or tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    algo = cls(model, tokenizer, cfg, add_tokens=False)  # the special tokens must already be there
+    algo.stage = stage
+    return algo, model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool = False, batch_size: int = 64,
+             seed: int = 0, ks=(1,), keep_examples: bool = False) -> dict:
+    """Generate `runs` completions per record with `algo.generate` and score them; returns a JSON-ready dict.
+
+    Run r draws from a generator seeded `seed + r`, so runs differ only where the policy samples (with a
+    deterministic policy all runs are identical and pass@k == pass@1).
+    """
+    if runs < 1 or batch_size < 1 or not records or any(k < 1 for k in ks):
+        raise ValueError(f"need runs >= 1, batch_size >= 1, k >= 1 and some records "
+                         f"(got runs={runs}, batch_size={batch_size}, ks={list(ks)}, {len(records)} records)")
+    if algo.answer_format not in REWARDS:
+        raise ValueError(f"unknown answer_format {algo.answer_format!r}; known: {', '.join(REWARDS)}")
+    reward, answer = REWARDS[algo.answer_format], ANSWERS[algo.answer_format]
+    model.eval()
+    questions = [r["question"] for r in records]
+    golds = [r["answer"] for r in records]
+    P = len(records)
+
+    # One entry per run; inside, one entry per problem: texts[r][i] is run r's completion of problem i.
+    texts, num_latent, lengths, truncated = [], [], [], []
+    bar = tqdm(total=runs * P, desc="eval", leave=False)
+    for r in range(runs):
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(seed + r)
+        outs = []
+        for start in range(0, P, batch_size):
+            batch = questions[start : start + batch_size]
+            outs.append(algo.generate(model, batch, explore, generator))
+            if len(outs[-1].texts) != len(batch):
+                raise RuntimeError(f"{type(algo).__name__}.generate gave {len(outs[-1].texts)} rows for {len(batch)}")
+            bar.update(len(batch))
+        texts.append([t for o in outs for t in o.texts])
+        num_latent.append(torch.cat([o.num_latent.cpu() for o in outs]))
+        lengths.append(torch.cat([o.lengths.cpu() for o in outs]))
+        truncated.append(torch.cat([o.truncated.cpu() for o in outs]))
+    bar.close()
+    num_latent, lengths, truncated = torch.stack(num_latent), torch.stack(lengths), torch.stack(truncated)  # (runs, P)
+
+    correct = torch.tensor([[reward(texts[r][i], golds[i]) == 1.0 for i in range(P)] for r in range(runs)])
+    per_run_acc = correct.double().mean(1)  # (runs,)
+    n_correct = correct.sum(0).tolist()  # c_i of n = runs samples, per problem
+    # Length over the outputs that ended (Latent-GRPO's low-task script): per run, then averaged over runs.
+    ended = ~truncated
+    run_lengths = [lengths[r][ended[r]].double().mean().item() for r in range(runs) if ended[r].any()]
+    pass_k = {f"pass@{k}": statistics.fmean(pass_at_k(runs, c, k) for c in n_correct)
+              for k in sorted(set(ks)) if k <= runs}
+
+    result = {
+        "accuracy": per_run_acc.mean().item(),
+        "accuracy_std_over_runs": per_run_acc.std(correction=0).item(),  # population std: 0 for one run
+        "accuracy_per_run": per_run_acc.tolist(),
+        **pass_k,
+        "mean_latent_steps": num_latent.double().mean().item(),
+        "mean_length": statistics.fmean(run_lengths) if run_lengths else None,  # None: every output truncated
+        "frac_truncated": truncated.double().mean().item(),
+        "frac_never_exited": (num_latent == lengths).double().mean().item(),  # every position was latent
+        "num_examples": P,
+        "runs": runs,
+    }
+    if keep_examples:
+        result["examples"] = [
+            {"question": questions[i], "gold": golds[i],
+             "completions": [texts[r][i] for r in range(runs)],
+             "predictions": [answer(texts[r][i]) for r in range(runs)],
+             "num_correct": int(n_correct[i])}
+            for i in range(P)
+        ]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: every user error looks the same
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bool(s: str) -> bool:
+    # Explicit: the official scripts' `--flag False` was the truthy string "False".
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _ks(s: str) -> list[int]:
+    try:
+        ks = [int(k) for k in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8, got {s!r}") from None
+    if any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"every k must be >= 1, got {s!r}")
+    return ks
+
+
+def _positive(s: str) -> int:
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return int(s)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description="Evaluate a checkpoint written by train.py (see the module docstring).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (holds algorithm.json) or run dir")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a local JSON/JSONL file")
+    p.add_argument("--split", default="test", help="split of the synthetic task")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits: train.py's --seed")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples only")
+    p.add_argument("--runs", type=_positive, default=1, help="completions per problem (5: Latent-GRPO low tasks)")
+    p.add_argument("--k", type=_ks, default=[1, 4, 8, 16, 32, 64], help="pass@k to report (only k <= runs)")
+    p.add_argument("--explore", type=_bool, default=False, help="sample with the training policy (for pass@k)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--keep-examples", type=_bool, default=False, help="store every completion in the JSON")
+    p.add_argument("--out", default=None, help="output JSON (default: CHECKPOINT/eval.json)")
+    return p.parse_args(argv)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    try:
+        ckpt = checkpoint_dir(args.checkpoint)
+        if not out.parent.is_dir():
+            raise ValueError(f"--out: directory {out.parent} does not exist")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # `datasets` is imported lazily by data.py
+        records = load_records(args.data, args.split, args.data_seed)[: args.limit]
+        if not records:
+            raise ValueError(f"--data {args.data}: no examples")
+        algo, model, _ = load_checkpoint(ckpt, device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    result = evaluate(algo, model, records, runs=args.runs, explore=args.explore, batch_size=args.batch_size,
+                      seed=args.seed, ks=args.k, keep_examples=args.keep_examples)
+    meta = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
+            "answer_format": algo.answer_format, "data": args.data, "split": args.split, "limit": args.limit,
+            "explore": args.explore, "seed": args.seed}
+    result = {**meta, **result}
+
+    rows = [(k, v) for k, v in result.items() if k != "examples" and k != "accuracy_per_run"]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    write_json_atomic(out, result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
