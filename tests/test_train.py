@@ -1,0 +1,160 @@
+"""End-to-end tests of the shared loop: the CLIs on a tiny budget, bad input, resume, and the loop's own plumbing."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eval as evaluation
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# The smallest run that still goes through every phase: CoT SFT, each latent stage, evaluation, GRPO, checkpoint.
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--cot-steps", "2", "--sft-steps", "1",
+        "--sft-batch-size", "4", "--max-steps", "2", "--num-prompts", "2", "--num-generations", "2",
+        "--eval-size", "4", "--eval-every", "1", "--save-every", "1"]
+ALGO_TINY = {"dropout_grpo": ["--max-new-tokens", "12"], "latent_grpo": ["--max-response-length", "12", "--latent-stages", "1"]}
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module", params=["dropout_grpo", "latent_grpo"])
+def finished_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    summary = train.main(["--algo", request.param, "--out", str(out), *TINY, *ALGO_TINY[request.param]])
+    return request.param, out, summary
+
+
+def test_run_writes_every_output(finished_run):
+    algo, out, summary = finished_run
+    for key in ("algo", "init_accuracy", "final_accuracy", "mean_latent_steps", "steps", "wall_seconds"):
+        assert key in summary
+    assert summary["algo"] == algo and summary["steps"] == 2
+    assert json.loads((out / "summary.json").read_text()) == summary
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["algo"] == algo and config["args"]["max_steps"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == [1, 2]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "latent/mean_steps",
+                "loss", "clip_ratio", "time/rollout", "eval/accuracy"):
+        assert key in rl[0], key
+    sft_stages = {r["stage"] for r in records if r["phase"] == "sft"}
+    assert sft_stages == set(range(len(sft_stages))) and len(sft_stages) >= 2  # CoT plus at least one latent stage
+
+
+def test_checkpoint_loads_with_plain_transformers_and_eval_cli(finished_run):
+    algo, out, _ = finished_run
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(out / "checkpoint")
+    assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    assert not list(out.glob(".checkpoint-*")), "a temporary checkpoint directory was left behind"
+    result = run_cli("eval.py", "--checkpoint", str(out), "--limit", "3", "--runs", "2", "--k", "1,2",
+                     "--out", str(out / "e.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "e.json").read_text())
+    assert report["num_examples"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and "pass@2" in report
+
+
+def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
+    algo, out, _ = finished_run
+    summary = train.main(["--algo", algo, "--out", str(out), "--resume", "true", *TINY, *ALGO_TINY[algo],
+                          "--max-steps", "3"])
+    assert summary["steps"] == 3
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["phase"] == "rl"]
+    assert steps == [1, 2, 3]  # step 3 only: neither SFT nor the first two GRPO steps ran again
+
+
+@pytest.mark.parametrize("algo", ["dropout_grpo", "latent_grpo"])
+def test_one_grpo_update_changes_every_trainable_parameter(algo):
+    """TRL's anchor: with rewards that differ inside each group, one update moves every trainable parameter."""
+    args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--learning-rate", "1e-2"])
+    torch.manual_seed(0)
+    model, tokenizer = train.build_model(args)
+    method = algo_cls(model, tokenizer, cfg, add_tokens=True)
+    method.stage = method.num_stages
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    rollout = method.rollout(model, ["Ann has 3 pens. How many pens now?", "Ben has 2 cards. How many cards now?"], 2, generator)
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    metrics = train.grpo_step(args, method, model, None, opt, rollout, rewards)
+    assert metrics["grad_norm"] > 0
+    unchanged = [n for n, p in model.named_parameters() if n in trainable and torch.equal(p, trainable[n])]
+    assert not unchanged, f"not updated: {unchanged}"
+
+
+def test_select_and_concat_rollouts_are_inverse():
+    """Dynamic sampling keeps whole groups and stitches batches together, field by field."""
+    args, algo_cls, cfg = train.parse_args(["--algo", "dropout_grpo", *TINY, *ALGO_TINY["dropout_grpo"]])
+    model, tokenizer = train.build_model(args)
+    method = algo_cls(model, tokenizer, cfg, add_tokens=True)
+    model.eval()
+    rollout = method.rollout(model, ["Ann has 3 pens.", "Ben has 2 cards.", "Cara has 9 books."], 2, torch.Generator().manual_seed(1))
+    parts = [train.select_rows(rollout, train.group_rows([g], 2)) for g in range(3)]
+    joined = train.concat_rollouts(parts)
+    for f in dataclasses.fields(rollout):
+        a, b = getattr(rollout, f.name), getattr(joined, f.name)
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), f.name
+        else:
+            assert len(a) == len(b) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a, b)), f.name
+
+
+def test_help_documents_every_knob():
+    for algo in ("dropout_grpo", "latent_grpo"):
+        result = run_cli("train.py", "--algo", algo, "--help")
+        assert result.returncode == 0
+        flags = [f.name for f in dataclasses.fields(train.Args)]
+        flags += [f.name for f in dataclasses.fields(evaluation.algorithm_class(algo).Config)]
+        docs = {**train.field_docs(train.Args), **train.field_docs(evaluation.algorithm_class(algo).Config)}
+        for name in flags:
+            assert "--" + name.replace("_", "-") in result.stdout, name
+            assert docs.get(name), f"{name} has no docstring"
+
+
+def test_parse_bool_is_explicit():
+    assert train.parse_args(["--resume", "False"])[0].resume is False
+    assert train.parse_args(["--resume", "true"])[0].resume is True
+
+
+def bad_data_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda t: ["--algo", "ppo"], "ppo"),
+    (lambda t: ["--p", "1.5"], "--p"),
+    (lambda t: ["--num-generations", "1"], "--num-generations"),
+    (lambda t: ["--data", bad_data_file(t)], "row 1"),
+    (lambda t: ["--model", str(t / "no-such-model")], "--model"),
+    (lambda t: ["--algo", "latent_grpo", "--top-k", "0"], "top"),
+    (lambda t: ["--algo", "latent_grpo", "--noise-scale", "-1"], "noise"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make_args, message):
+    out = tmp_path / "out"
+    result = run_cli("train.py", "--out", str(out), *make_args(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    result = run_cli("train.py", "--out", str(out))
+    assert result.returncode == 2 and "--resume" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
