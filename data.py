@@ -17,7 +17,6 @@ tiny model does badly; with the steps written out (CoT) each step is a lookup it
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -39,20 +38,20 @@ def _problem(rng: random.Random) -> dict:
         if op == "boxes":  # two steps: b*c, then the running total plus it
             b = rng.randint(2, min(9, (99 - x) // 2))
             c = rng.randint(2, min(9, (99 - x) // b))
-            sentences.append(f"Then {name} buys {b} boxes with {c} {item} each.")
+            sentences.append(f"{name} buys {b} boxes of {c}.")
             steps += [f"<<{b}*{c}={b * c}>>", f"<<{x}+{b * c}={x + b * c}>>"]
             x += b * c
         elif op == "buy":
             b = rng.randint(1, min(9, 99 - x))
-            sentences.append(f"Then {name} finds {b} more.")
+            sentences.append(f"{name} finds {b} more.")
             steps.append(f"<<{x}+{b}={x + b}>>")
             x += b
         else:
             b = rng.randint(1, min(9, x - 1))
-            sentences.append(f"Then {name} gives {b} away.")
+            sentences.append(f"{name} gives {b} away.")
             steps.append(f"<<{x}-{b}={x - b}>>")
             x -= b
-    sentences.append(f"How many {item} does {name} have now?")
+    sentences.append(f"How many {item} now?")
     return {"question": " ".join(sentences), "steps": steps, "answer": str(x)}
 
 
@@ -107,11 +106,11 @@ def load_jsonl_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
-    from datasets import load_dataset  # imported here: the rest of the project runs without `datasets`
+    import datasets  # imported here: the rest of the project runs without `datasets`
 
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # errors stay one line on stderr
+    datasets.disable_progress_bars()  # so that an error stays one line on stderr
     try:
-        rows = load_dataset("json", data_files=str(path), split="train")
+        rows = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # a malformed file: say which, in one line
         raise ValueError(f"{path}: not a JSON / JSONL file of records ({type(e).__name__})") from None
     out = []
