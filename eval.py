@@ -345,13 +345,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _bool(s: str) -> bool:
-    # Explicit: the official scripts' `--flag False` was the truthy string "False".
-    if s.lower() in ("true", "1", "yes"):
+def parse_bool(s: str) -> bool:
+    """Booleans are parsed, never truth-tested: the official scripts' `--flag False` was the truthy string."""
+    if s.strip().lower() in ("true", "1", "yes", "on"):
         return True
-    if s.lower() in ("false", "0", "no"):
+    if s.strip().lower() in ("false", "0", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def _ks(s: str) -> list[int]:
@@ -379,11 +379,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples only")
     p.add_argument("--runs", type=_positive, default=1, help="completions per problem (5: Latent-GRPO low tasks)")
     p.add_argument("--k", type=_ks, default=[1, 4, 8, 16, 32, 64], help="pass@k to report (only k <= runs)")
-    p.add_argument("--explore", type=_bool, default=False, help="sample with the training policy (for pass@k)")
+    p.add_argument("--explore", type=parse_bool, default=False, help="sample with the training policy (for pass@k)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--keep-examples", type=_bool, default=False, help="store every completion in the JSON")
+    p.add_argument("--keep-examples", type=parse_bool, default=False, help="store every completion in the JSON")
     p.add_argument("--out", default=None, help="output JSON (default: CHECKPOINT/eval.json)")
     return p.parse_args(argv)
 
@@ -410,7 +410,6 @@ def main(argv=None) -> dict:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # `datasets` is imported lazily by data.py
         records = load_records(args.data, args.split, args.data_seed)[: args.limit]
         if not records:
             raise ValueError(f"--data {args.data}: no examples")

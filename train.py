@@ -35,7 +35,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -68,6 +67,8 @@ class Args:
     """Seed for data order, initial weights and every random draw of the rollouts."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
+    threads: int = 1
+    """CPU threads for torch. The tiny default is overhead-bound: 1 thread is fastest; 0 = torch's default."""
     resume: bool = False
     """Continue from --out/checkpoint if it exists (same config), instead of starting over."""
     # --- the embedded tiny model ---
@@ -134,26 +135,16 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def parse_bool(text: str) -> bool:
-    """Booleans are parsed, never truth-tested: `--flag False` must be False."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        kind = {"bool": parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        kind = {"bool": evaluation.parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=f.default,
-            metavar=f.name.upper() if kind is not parse_bool else "BOOL",
+            metavar=f.name.upper() if kind is not evaluation.parse_bool else "BOOL",
             help=f"{docs.get(f.name, '')} (default: {f.default})",
         )
 
@@ -173,7 +164,6 @@ def parse_args(argv=None):
         raise UserError(str(e)) from None
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter,
     )
     add_dataclass_args(parser, Args, "training loop (shared)")
     add_dataclass_args(parser, algo_cls.Config, f"{known.algo} (see {known.algo}.py)")
@@ -297,12 +287,6 @@ def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: di
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -483,6 +467,8 @@ def main(argv=None) -> dict:
     args, algo_cls, algo_cfg = parse_args(argv)
     check_args(args)
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     resuming = args.resume and (out / "checkpoint" / "trainer_state.pt").exists()
     if out.exists() and any(out.iterdir()) and not resuming:
@@ -511,7 +497,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = {"args": dataclasses.asdict(args), "algo_config": dataclasses.asdict(algo_cfg),
               "device": str(device), "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
-    write_json(out / "config.json", config)
+    evaluation.write_json_atomic(out / "config.json", config)
     logger = Logger(out / "metrics.jsonl")
     save = lambda s: save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s)
     print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -538,7 +524,7 @@ def main(argv=None) -> dict:
         "wall_seconds": round(time.time() - t_start, 1),
         "eval_size": len(test),
     }
-    write_json(out / "summary.json", summary)
+    evaluation.write_json_atomic(out / "summary.json", summary)
     width = max(map(len, summary))
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in summary.items()))
     return summary
