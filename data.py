@@ -8,7 +8,7 @@ Every data set is normalised to GSM8K-Aug's record format (Coconut's `preprocess
 `steps` are only used by the supervised initialisation; RL needs `question` and `answer`.
 
 The default task needs no download. It is GSM8K-Aug-shaped: a short word problem whose
-quantity changes through 2-3 operations, each written as a `<<a op b=c>>` step. Solving it in
+quantity changes through two operations (two to four steps), each written as a `<<a op b=c>>` step. Solving it in
 one shot means composing a multiplication with several additions and subtractions, which a
 tiny model does badly; with the steps written out (CoT) each step is a lookup it can learn.
 
@@ -28,16 +28,16 @@ EOS = "<|endoftext|>"
 
 
 def _problem(rng: random.Random) -> dict:
-    """One problem: a start amount, then 2-3 operations. Every intermediate value stays in 1..99."""
+    """One problem: a start amount, then two operations. Every intermediate value stays in 1..99."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     x = rng.randint(2, 20)
     sentences, steps = [f"{name} has {x} {item}."], []
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(2):
         ops = [op for op, ok in (("buy", x <= 90), ("lose", x >= 2), ("boxes", x <= 81)) if ok]
         op = rng.choice(ops)
         if op == "boxes":  # two steps: b*c, then the running total plus it
-            b = rng.randint(2, min(9, (99 - x) // 2))
-            c = rng.randint(2, min(9, (99 - x) // b))
+            b = rng.randint(2, min(5, (99 - x) // 2))
+            c = rng.randint(2, min(5, (99 - x) // b))
             sentences.append(f"{name} buys {b} boxes of {c}.")
             steps += [f"<<{b}*{c}={b * c}>>", f"<<{x}+{b * c}={x + b * c}>>"]
             x += b * c

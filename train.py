@@ -22,9 +22,10 @@ The loop knows an algorithm only through the small interface in README.md ("The 
 specify lives in the algorithm files; this file only does the plumbing: config, data, model, optimiser, logging,
 checkpoints.
 
-Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), summary.json, and checkpoint/
+Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), summary.json, checkpoint/
 (loadable by AutoModelForCausalLM / AutoTokenizer.from_pretrained, plus algorithm.json and trainer_state.pt so
-`--resume` continues where the run stopped).
+`--resume` continues where the run stopped), and init/, the latent initialisation, for GRPO variants from the same
+start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`.
 """
 from __future__ import annotations
 
@@ -74,23 +75,23 @@ class Args:
     # --- the embedded tiny model ---
     n_layer: int = 4
     """Tiny model: transformer blocks."""
-    n_embd: int = 128
+    n_embd: int = 64
     """Tiny model: width."""
     n_head: int = 4
     """Tiny model: attention heads."""
     dropout: float = 0.1
     """Tiny model: GPT-2's native dropout during SFT (Coconut trains with it; the RL masks replay these sites)."""
     # --- latent initialisation (SFT) ---
-    cot_steps: int = 1500
+    cot_steps: int = 2000
     """SFT optimiser steps on stage 0 (explicit chain of thought)."""
-    sft_steps: int = 400
+    sft_steps: int = 250
     """SFT optimiser steps on each later (latent) curriculum stage."""
     sft_batch_size: int = 32
     """SFT examples per optimiser step."""
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     """SFT learning rate (AdamW, weight decay 0.01, reset at every stage as in Coconut); 1e-4 for pretrained models."""
     # --- GRPO ---
-    max_steps: int = 60
+    max_steps: int = 150
     """GRPO steps (each: one rollout batch, then the update)."""
     num_prompts: int = 16
     """Questions per GRPO step (the number of groups)."""
@@ -111,11 +112,11 @@ class Args:
     max_num_gen_batches: int = 4
     """Dynamic sampling: give up refilling after this many generation batches and train on what was kept."""
     # --- evaluation and logging ---
-    eval_size: int = 300
+    eval_size: int = 500
     """Held-out questions per evaluation."""
-    eval_every: int = 20
+    eval_every: int = 50
     """Evaluate every this many GRPO steps (0 = only before and after)."""
-    save_every: int = 20
+    save_every: int = 50
     """Write a checkpoint every this many GRPO steps (always at the end)."""
     batch_size_eval: int = 100
     """Questions per generation batch at evaluation."""
@@ -274,8 +275,8 @@ def group_rows(groups: list[int], num_generations: int) -> list[int]:
 # Checkpoints: written to a temporary directory, then moved into place, so a crash never leaves half a checkpoint
 
 
-def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: dict) -> None:
-    final = out / "checkpoint"
+def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: dict, where: str = "checkpoint") -> None:
+    final = out / where
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -317,14 +318,15 @@ def evaluate(algo, model, records, args: Args, name: str) -> dict:
     return result
 
 
-def run_sft(args, algo, model, train, test, out, logger, state, save):
+def run_sft(args, algo, model, train, test, logger, state, save):
     """Latent initialisation: stage 0 (CoT), then the algorithm's latent curriculum, each with a fresh AdamW."""
     rng = random.Random(args.seed)
-    for stage in range(algo.num_stages + 1):
-        steps = args.cot_steps if stage == 0 else args.sft_steps
-        if stage < state["sft_stage"]:  # resumed: this stage is already in the checkpoint
-            continue
+    for stage in range(state["sft_stage"], algo.num_stages + 1):  # resumed: earlier stages are in the checkpoint
         algo.stage = stage
+        steps = args.cot_steps if stage == 0 else args.sft_steps
+        state["sft_stage"] = stage + 1
+        if steps == 0:  # e.g. GRPO straight from a trained initialisation (--model RUN/init)
+            continue
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.sft_lr, weight_decay=0.01)
         warmup = max(1, min(100, steps // 10))
@@ -342,9 +344,8 @@ def run_sft(args, algo, model, train, test, out, logger, state, save):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 logger.log({"phase": "sft", "stage": stage, "step": step, "loss": loss.item()})
         model.eval()
-        if stage == 0 and steps > 0:
+        if stage == 0:
             state["cot_accuracy"] = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")["accuracy"]
-        state["sft_stage"] = stage + 1
         save(state)
 
 
@@ -503,11 +504,14 @@ def main(argv=None) -> dict:
     print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train)} train / {len(test)} eval questions -> {out}")
 
-    run_sft(args, algo, model, train, test, out, logger, state, save)
+    run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
         init = evaluate(algo, model, test, args, "latent initialisation")
         state.update(init_accuracy=init["accuracy"], init_latent_steps=init["mean_latent_steps"], init_length=init["mean_length"])
         save(state)
+        # a copy of the latent initialisation, so that GRPO variants can start from the very same weights:
+        #   python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
+        save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, state, where="init")
     run_rl(args, algo, model, train, test, out, logger, state, save)
     final = evaluate(algo, model, test, args, "after GRPO")
 
