@@ -66,6 +66,8 @@ class Args:
     """Output directory: config.json, metrics.jsonl, summary.json, checkpoint/."""
     seed: int = 0
     """Seed for data order, initial weights and every random draw of the rollouts."""
+    data_seed: int = 0
+    """Seed of the synthetic task's train/test split (eval.py's --data-seed); fixed across --seed for comparisons."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
     threads: int = 1
@@ -231,11 +233,11 @@ def build_model(args: Args):
 
 def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     try:
-        train = data.load_records(args.data, "train", args.seed)
+        train = data.load_records(args.data, "train", args.data_seed)
         if args.eval_data:
-            test = data.load_records(args.eval_data, "test", args.seed)
+            test = data.load_records(args.eval_data, "test", args.data_seed)
         elif args.data == "synthetic":
-            test = data.load_records("synthetic", "test", args.seed)
+            test = data.load_records("synthetic", "test", args.data_seed)
         else:  # hold out the tail of the file
             if len(train) <= args.eval_size:
                 raise UserError(f"--data {args.data}: {len(train)} rows, need more than --eval-size {args.eval_size}")
