@@ -373,7 +373,9 @@ def rollout_batch(args, algo, model, train, generator, data_rng):
         if not args.filter_groups or have >= args.num_prompts or num_batches >= args.max_num_gen_batches:
             break
     seen = torch.cat(seen_rewards)
+    kept_groups = sum(len(r) for r in kept_rewards)
     metrics = {
+        "adv/frac_groups_filtered": 1.0 - kept_groups / len(seen),
         "reward": seen.mean().item(),
         "reward_std": seen.std(dim=1).mean().item(),
         "frac_reward_zero_std": (seen.std(dim=1) == 0).float().mean().item(),
