@@ -9,7 +9,7 @@ seed and replays the very same mask whenever log-probabilities are recomputed fo
 one weight sample of MC dropout, so GRPO with a mean-centred advantage climbs the expected reward of the
 Bayesian-model-average policy, unbiased up to the group factor (G-1)/G (§4.5).
 
-§ numbers refer to the implementation spec (shared/papers/dropout_grpo.md); read the two side by side:
+§ numbers refer to the implementation spec (specs/dropout_grpo.md); read the two side by side:
 
     §2   Coconut: special tokens, curriculum SFT, the latent recurrence with a KV cache
     §3.2 the shared mask: sites as forward hooks, drawn from a per-rollout seed, replayed bit for bit
@@ -261,7 +261,7 @@ def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
 
 
 class DropoutGRPO:
-    """Dropout-GRPO on Coconut: the interface train.py and eval.py use (see the contract in DESIGN.md)."""
+    """Dropout-GRPO on Coconut: the interface train.py and eval.py use (the interface is in README.md)."""
 
     Config = Config
     answer_format = "coconut"

@@ -1,7 +1,7 @@
 """
 Latent-GRPO (Deng et al., arXiv 2604.27998): GRPO for a model that reasons in soft tokens, in one file.
 
-Read it beside `shared/papers/latent_grpo.md` (the spec, written from the official code); every equation below
+Read it beside `specs/latent_grpo.md` (the spec, written from the official code); every equation below
 carries the spec section it comes from.
 
 After the prompt's `<think>`, each reasoning step feeds back a *soft embedding*: a convex mix of the input embeddings
@@ -280,7 +280,7 @@ def first_token_selection(advantages: torch.Tensor, mean_old_logprob: torch.Tens
 # ------------------------------------------------------------------------------------------------------------------
 
 class LatentGRPO:
-    """Latent-GRPO behind the project's algorithm interface (contract in train.py / README)."""
+    """Latent-GRPO behind the project's algorithm interface (the interface is in README.md)."""
 
     Config = Config
     answer_format = "math"   # last \\boxed{}, else after ####, else the last number

@@ -1,4 +1,4 @@
-"""Property tests for dropout_grpo.py: spec (shared/papers/dropout_grpo.md) §4.9, P1..P11, plus the Coconut
+"""Property tests for dropout_grpo.py: spec (specs/dropout_grpo.md) §4.9, P1..P11, plus the Coconut
 curriculum and the interface. Every check is against an independent reference: a cache-free forward, a plain port
 of Coconut's multi-pass forward, plain loops, exact enumeration of all masks, Monte Carlo with a stated standard
 error, finite differences. Tiny random models in float64; GPT-2 eager, Llama sdpa (Llama's eager attention takes its
