@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import random
 import shutil
 import sys
