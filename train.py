@@ -147,7 +147,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None
             type=kind,
             default=f.default,
             metavar=f.name.upper() if kind is not evaluation.parse_bool else "BOOL",
-            help=f"{docs.get(f.name, '')} (default: {f.default})",
+            help=docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)",  # shows train_defaults too
         )
 
 
@@ -169,6 +169,7 @@ def parse_args(argv=None):
     )
     add_dataclass_args(parser, Args, "training loop (shared)")
     add_dataclass_args(parser, algo_cls.Config, f"{known.algo} (see {known.algo}.py)")
+    parser.set_defaults(**getattr(algo_cls, "train_defaults", {}))  # an algorithm may change the loop's defaults
     ns = vars(parser.parse_args(argv))
     args = Args(**{f.name: ns[f.name] for f in dataclasses.fields(Args)})
     try:

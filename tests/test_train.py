@@ -124,6 +124,12 @@ def test_help_documents_every_knob():
             assert docs.get(name), f"{name} has no docstring"
 
 
+def test_an_algorithm_can_change_the_loops_defaults():
+    assert train.parse_args(["--algo", "latent_grpo"])[0].learning_rate == 3e-5
+    assert train.parse_args(["--algo", "latent_grpo", "--learning-rate", "1e-3"])[0].learning_rate == 1e-3
+    assert train.parse_args(["--algo", "dropout_grpo"])[0].learning_rate == train.Args.learning_rate
+
+
 def test_parse_bool_is_explicit():
     assert train.parse_args(["--resume", "False"])[0].resume is False
     assert train.parse_args(["--resume", "true"])[0].resume is True
