@@ -778,7 +778,9 @@ def test_forced_exit(tok, forced_exit):
     with torch.no_grad():
         model.lm_head.weight.zero_()
     model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
-    algo = LatentGRPO(model, tok, Config(max_response_length=3, forced_exit=forced_exit), add_tokens=False)
+    # the released scripts' noise scale: large enough to move the top token away from the end id most of the time
+    cfg = Config(max_response_length=3, forced_exit=forced_exit, noise_scale=1.0)
+    algo = LatentGRPO(model, tok, cfg, add_tokens=False)
     ro = algo.rollout(model, questions(0, 2), 8, torch.Generator().manual_seed(0))
     if forced_exit:
         assert (ro.num_latent == 0).all() and all(y[0] == algo.end_id for y in ro.token_ids)
