@@ -3,7 +3,7 @@ The one training loop both papers share: latent initialisation (SFT), then GRPO.
 
     python train.py                              # Dropout-GRPO on the embedded default, CPU or GPU, minutes
     python train.py --algo latent_grpo           # Latent-GRPO on the same default
-    python train.py --algo latent_grpo --latent false     # explicit-CoT GRPO, the baseline both papers beat
+    python train.py --algo latent_grpo --latent false     # explicit-CoT GRPO, the baseline both papers compare to
     python train.py --algo dropout_grpo --help   # every knob of the loop and of that algorithm
 
 With no arguments everything is built in code, nothing is downloaded: a byte-level BPE tokenizer trained on the
