@@ -63,6 +63,16 @@ def test_checkpoint_loads_with_plain_transformers_and_eval_cli(finished_run):
     assert report["num_examples"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and "pass@2" in report
 
 
+def test_grpo_from_the_saved_initialisation(finished_run, tmp_path):
+    """RUN/init is the latent initialisation; with no SFT steps a new run starts GRPO from exactly those weights."""
+    algo, out, summary = finished_run
+    assert json.loads((out / "init" / "algorithm.json").read_text())["stage"] >= 1
+    again = train.main(["--algo", algo, "--out", str(tmp_path / "rl"), *TINY, *ALGO_TINY[algo], "--model",
+                        str(out / "init"), "--cot-steps", "0", "--sft-steps", "0"])
+    assert again["init_accuracy"] == summary["init_accuracy"] and again["cot_accuracy"] is None
+    assert not [line for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines() if '"sft"' in line]
+
+
 def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
     algo, out, _ = finished_run
     summary = train.main(["--algo", algo, "--out", str(out), "--resume", "true", *TINY, *ALGO_TINY[algo],
