@@ -1,4 +1,5 @@
 """End-to-end tests of the shared loop: the CLIs on a tiny budget, bad input, resume, and the loop's own plumbing."""
+import copy
 import dataclasses
 import json
 import subprocess
@@ -83,11 +84,14 @@ def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
     assert steps == [1, 2, 3]  # step 3 only: neither SFT nor the first two GRPO steps ran again
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
 @pytest.mark.parametrize("algo", ["dropout_grpo", "latent_grpo"])
-def test_one_grpo_update_changes_every_trainable_parameter(algo):
-    """TRL's anchor: with rewards that differ inside each group, one update moves every trainable parameter."""
+def test_one_grpo_update_changes_every_trainable_parameter(algo, beta):
+    """TRL's anchor: with rewards that differ inside each group, one update moves every trainable parameter; with
+    beta > 0 a frozen reference (a copy of the policy, as run_rl makes it) enters through the k3 KL, 0 at the start."""
     # an untrained model never stops, and Latent-GRPO's invalid-sample masking rightly zeroes truncated samples
     extra = ["--invalid-mask", "false"] if algo == "latent_grpo" else []
+    extra += ["--beta", str(beta)]
     args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--learning-rate", "1e-2", *extra])
     torch.manual_seed(0)
     model, tokenizer = train.build_model(args)
@@ -99,8 +103,11 @@ def test_one_grpo_update_changes_every_trainable_parameter(algo):
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-    metrics = train.grpo_step(args, method, model, None, opt, rollout, rewards)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if beta else None
+    metrics = train.grpo_step(args, method, model, ref, opt, rollout, rewards)
     assert metrics["grad_norm"] > 0
+    if beta:
+        assert abs(metrics["kl"]) < 1e-6  # the policy equals its reference before the step
     unchanged = [n for n, p in model.named_parameters() if n in trainable and torch.equal(p, trainable[n])]
     assert not unchanged, f"not updated: {unchanged}"
 
