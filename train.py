@@ -207,11 +207,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(args: Args):
-    """The embedded tiny GPT-2, a checkpoint directory, or a hub name, through the same transformers classes."""
+def build_model(args: Args, name: str):
+    """`name`: `tiny` (a GPT-2 built from args' tiny-model fields), a checkpoint directory or a hub name, through the
+    same transformers classes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-    if args.model == "tiny":
+    if name == "tiny":
         tokenizer = data.build_tokenizer()
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=512, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -221,11 +222,11 @@ def build_model(args: Args):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         return model, tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name)
     except OSError as e:
-        where = "a local directory" if Path(args.model).exists() else "the hub (offline, or no such model?)"
-        raise UserError(f"--model {args.model}: cannot load from {where}: {str(e).splitlines()[0]}") from None
+        where = "a local directory" if Path(name).exists() else "the hub (offline, or no such model?)"
+        raise UserError(f"--model {name}: cannot load from {where}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -290,10 +291,6 @@ def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: di
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,7 +438,7 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
     data_rng = random.Random(args.seed + 1)
     if "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"]["generator"])
+        generator.set_state(state["generator"])
         data_rng.setstate(state["data_rng"])
     bar = tqdm(range(state["rl_step"], args.max_steps), desc="grpo", initial=state["rl_step"], total=args.max_steps)
     for step in bar:
@@ -463,7 +460,7 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
         logger.log({"phase": "rl", "step": step + 1, **metrics})
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            state.update(optimizer=opt.state_dict(), rng=rng_state(generator), data_rng=data_rng.getstate())
+            state.update(optimizer=opt.state_dict(), generator=generator.get_state(), data_rng=data_rng.getstate())
             save(state)
 
 
@@ -482,13 +479,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     train, test = load_data(args)
     if resuming:
-        args_model = args.model
-        args.model = str(out / "checkpoint")
-        model, tokenizer = build_model(args)
-        args.model = args_model
+        model, tokenizer = build_model(args, str(out / "checkpoint"))
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     else:
-        model, tokenizer = build_model(args)
+        model, tokenizer = build_model(args, args.model)
         state = {"sft_stage": 0, "rl_step": 0}
     try:
         algo = algo_cls(model, tokenizer, algo_cfg, add_tokens=not resuming)

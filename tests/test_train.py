@@ -94,7 +94,7 @@ def test_one_grpo_update_changes_every_trainable_parameter(algo, beta):
     extra += ["--beta", str(beta)]
     args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--learning-rate", "1e-2", *extra])
     torch.manual_seed(0)
-    model, tokenizer = train.build_model(args)
+    model, tokenizer = train.build_model(args, args.model)
     method = algo_cls(model, tokenizer, cfg, add_tokens=True)
     method.stage = method.num_stages
     model.eval()
@@ -115,7 +115,7 @@ def test_one_grpo_update_changes_every_trainable_parameter(algo, beta):
 def test_select_and_concat_rollouts_are_inverse():
     """Dynamic sampling keeps whole groups and stitches batches together, field by field."""
     args, algo_cls, cfg = train.parse_args(["--algo", "dropout_grpo", *TINY, *ALGO_TINY["dropout_grpo"]])
-    model, tokenizer = train.build_model(args)
+    model, tokenizer = train.build_model(args, args.model)
     method = algo_cls(model, tokenizer, cfg, add_tokens=True)
     model.eval()
     rollout = method.rollout(model, ["Ann has 3 pens.", "Ben has 2 cards.", "Cara has 9 books."], 2, torch.Generator().manual_seed(1))
