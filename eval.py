@@ -1,22 +1,34 @@
 """
-Evaluate a checkpoint written by train.py: accuracy over N runs, unbiased pass@k, chain length.
+Evaluate a checkpoint written by train.py on one or more data sets: accuracy over N runs, unbiased pass@k, chain
+length, one table row per data set.
 
-    python eval.py --checkpoint runs/dropout                      # synthetic test split, the paper's eval policy
-    python eval.py --checkpoint runs/latent --runs 5              # Latent-GRPO low tasks: pass@1 = mean of 5 runs
+    python eval.py --checkpoint runs/dropout                      # synthetic test split, the paper's protocol
+    python eval.py --checkpoint runs/latent --data gsm8k-aug,gsm-hard,svamp,multiarith   # Latent-GRPO's low tasks
     python eval.py --checkpoint runs/latent --runs 8 --k 1,4,8 --explore true   # pass@k under the training policy
-    python eval.py --checkpoint runs/dropout/checkpoint --data gsm_test.jsonl --limit 200 --out dropout_gsm.json
+    python eval.py --checkpoint runs/dropout/checkpoint --data gsm_test.json,svamp.json --limit 200 --out d.json
 
 `--checkpoint` is a checkpoint directory (it holds `algorithm.json`) or a run directory holding `checkpoint/`.
-The result is printed as a small table and written as JSON to `--out` (default: `<checkpoint>/eval.json`).
+`--data` is a comma-separated list of data sets, each `synthetic`, a named hub set (gsm8k, gsm8k-aug, svamp,
+multiarith, gsm-hard; `--split` picks the split) or a local file (.json / .jsonl / .parquet / .txt; data.py lists the
+formats; `--field-map` names the fields of files it cannot tell). Every data set is loaded before the model, so a bad
+one stops the run at once. The results are printed as one table, a row per data set named by its name or file stem,
+and written as JSON to `--out` (default: `<checkpoint>/eval.json`):
+{"checkpoint": ..., "protocol": ..., "runs": ..., "explore": ..., "results": {name: {"data": ..., "accuracy": ...}}}.
+
+Protocols (`--protocol`), each paper's own; `auto` (default) takes the checkpoint's algorithm's:
+- `coconut` (Dropout-GRPO's, from Coconut; dropout spec 3.11): 1 run, greedy, no dropout mask (`--explore false`).
+  The default for dropout_grpo checkpoints and any algorithm without a protocol of its own.
+- `latent-grpo` (Latent-GRPO's low tasks; latent spec 8): 5 runs, deterministic latent phase, answer sampled at
+  T 0.6 / top-p 0.95 (`--explore false`); pass@1 = the mean accuracy over the 5 runs. The default for latent_grpo.
+An explicit `--runs` or `--explore` overrides the protocol's. The decoding itself is each algorithm's `generate`.
 
 What is measured, and how each paper measures it:
 - Each algorithm names its scoring rule (`answer_format`). "coconut" is Coconut's run.py: the text after the
   last "#", commas removed, compared as strings ("18.0" is wrong when the gold is "18"). "math" is Latent-GRPO's
   low-task script: the last \\boxed{}, else the text after "####", else the last number, compared after
   Hendrycks-MATH normalisation or as numbers within 1e-5.
-- `--explore false` (default) is each paper's own evaluation policy (Coconut: greedy, no dropout mask;
-  Latent-GRPO: deterministic latent phase, answer sampled at T 0.6 / top-p 0.95). `--explore true` is the
-  training rollout policy, which is what pass@k under "Gumbel sampling" / "mask sampling" refers to.
+- `--explore false` is each paper's own evaluation policy (above). `--explore true` is the training rollout
+  policy, which is what pass@k under "Gumbel sampling" / "mask sampling" refers to.
 - accuracy = pass@1 = mean accuracy over `--runs` runs, each run seeded `seed + run`. pass@k uses the unbiased
   estimator 1 - C(n-c, k)/C(n, k) with n = runs, averaged over problems; only k <= runs is reported.
 - mean_length counts generated positions (latent and token) over non-truncated outputs, averaged per run and
@@ -39,7 +51,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data import load_records
+from data import load_records, parse_field_map
 
 # ----------------------------------------------------------------------------------------------------------------
 # Coconut's scoring (run.py): the answer follows the last "#" ("### 18"); exact string match after removing commas.
@@ -336,6 +348,69 @@ def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool =
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation protocols: each paper's, as presets of runs and explore (see the module docstring). The decoding they
+# imply (greedy and no mask; deterministic latent phase, answer T 0.6 / top-p 0.95) is each algorithm's `generate`.
+
+PROTOCOLS = {
+    "coconut": {"runs": 1, "explore": False},  # dropout spec 3.11: greedy, no mask
+    "latent-grpo": {"runs": 5, "explore": False},  # latent spec 8, low tasks: pass@1 = mean of 5 runs
+}
+ALGORITHM_PROTOCOLS = {"dropout_grpo": "coconut", "latent_grpo": "latent-grpo"}  # others: coconut
+
+
+def resolve_protocol(protocol: str, algo_name: str, runs: int | None = None,
+                     explore: bool | None = None) -> tuple[str, int, bool]:
+    """(protocol, runs, explore): `auto` is the algorithm's protocol; a `runs` / `explore` given explicitly wins."""
+    if protocol == "auto":
+        protocol = ALGORITHM_PROTOCOLS.get(algo_name, "coconut")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: auto, {', '.join(PROTOCOLS)}")
+    preset = PROTOCOLS[protocol]
+    return (protocol, preset["runs"] if runs is None else runs, preset["explore"] if explore is None else explore)
+
+
+def load_data_sets(data: str, split: str, seed: int = 0, field_map: dict | None = None,
+                   limit: int | None = None) -> dict[str, tuple[str, list[dict]]]:
+    """`a,b,c` -> {table name: (as given, first `limit` records)}; a set is named by its file stem (or its name)
+    unless two stems clash, then by what was given."""
+    given = [d.strip() for d in data.split(",") if d.strip()]
+    if not given:
+        raise ValueError("--data: no data set given")
+    twice = sorted({d for d in given if given.count(d) > 1})
+    if twice:
+        raise ValueError(f"--data: {', '.join(twice)} listed twice")
+    names = [Path(d).stem for d in given]
+    if len(set(names)) < len(names):
+        names = given
+    sets = {}
+    for name, d in zip(names, given):
+        try:
+            records = load_records(d, split, seed, field_map)[:limit]
+        except ValueError as e:
+            raise ValueError(f"--data {e}") from None
+        if not records:
+            raise ValueError(f"--data {d}: no examples")
+        sets[name] = (d, records)
+    return sets
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per data set: accuracy (= pass@1, +- std over runs), pass@k for 1 < k <= runs, mean latent steps,
+    mean length, fraction truncated, number of problems."""
+    pass_k = [k for k in next(iter(results.values())) if k.startswith("pass@") and k != "pass@1"]
+    header = ["data", "accuracy", *pass_k, "latent steps", "length", "truncated", "n"]
+    rows = [header]
+    for name, r in results.items():
+        acc = f"{r['accuracy']:.4f}" + (f" +- {r['accuracy_std_over_runs']:.4f}" if r["runs"] > 1 else "")
+        length = "-" if r["mean_length"] is None else f"{r['mean_length']:.2f}"  # every output truncated
+        rows.append([name, acc, *(f"{r[k]:.4f}" for k in pass_k), f"{r['mean_latent_steps']:.2f}", length,
+                     f"{r['frac_truncated']:.3f}", str(r["num_examples"])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -371,15 +446,26 @@ def _positive(s: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Evaluate a checkpoint written by train.py (see the module docstring).")
+    p = _Parser(description="Evaluate a checkpoint written by train.py on one or more data sets "
+                            "(see the module docstring).")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (holds algorithm.json) or run dir")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a local JSON/JSONL file")
-    p.add_argument("--split", default="test", help="split of the synthetic task")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits: train.py's --seed")
-    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples only")
-    p.add_argument("--runs", type=_positive, default=1, help="completions per problem (5: Latent-GRPO low tasks)")
+    p.add_argument("--data", default="synthetic",
+                   help="comma-separated data sets, each 'synthetic', a named hub set (gsm8k, gsm8k-aug, svamp, "
+                        "multiarith, gsm-hard) or a local .json/.jsonl/.parquet/.txt file (default: synthetic)")
+    p.add_argument("--field-map", default="",
+                   help="fields of local files whose format is not detected: question=Body+Question,answer=Answer"
+                        "[,steps=...] (a+b joins fields, a.b reads a nested key)")
+    p.add_argument("--split", default="test", help="split of synthetic and the named sets (default: test)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits: train.py's --data-seed")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples of each set only")
+    p.add_argument("--protocol", choices=["auto", *PROTOCOLS], default="auto",
+                   help="coconut: 1 greedy run, no mask (Coconut, Dropout-GRPO); latent-grpo: pass@1 = mean of 5 "
+                        "runs, deterministic latent phase, answer at T 0.6 / top-p 0.95; auto (default): the "
+                        "checkpoint's algorithm's (latent_grpo: latent-grpo, otherwise coconut)")
+    p.add_argument("--runs", type=_positive, default=None, help="completions per problem (default: the protocol's)")
     p.add_argument("--k", type=_ks, default=[1, 4, 8, 16, 32, 64], help="pass@k to report (only k <= runs)")
-    p.add_argument("--explore", type=parse_bool, default=False, help="sample with the training policy (for pass@k)")
+    p.add_argument("--explore", type=parse_bool, default=None,
+                   help="true: sample with the training policy, for pass@k (default: the protocol's, false)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -410,28 +496,29 @@ def main(argv=None) -> dict:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        records = load_records(args.data, args.split, args.data_seed)[: args.limit]
-        if not records:
-            raise ValueError(f"--data {args.data}: no examples")
+        sets = load_data_sets(args.data, args.split, args.data_seed, parse_field_map(args.field_map), args.limit)
         algo, model, _ = load_checkpoint(ckpt, device)
+        algo_name = json.loads((ckpt / "algorithm.json").read_text())["algo"]
+        protocol, runs, explore = resolve_protocol(args.protocol, algo_name, args.runs, args.explore)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    result = evaluate(algo, model, records, runs=args.runs, explore=args.explore, batch_size=args.batch_size,
-                      seed=args.seed, ks=args.k, keep_examples=args.keep_examples)
-    meta = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
-            "answer_format": algo.answer_format, "data": args.data, "split": args.split, "limit": args.limit,
-            "explore": args.explore, "seed": args.seed}
-    result = {**meta, **result}
+    results = {
+        name: {"data": given, **evaluate(algo, model, records, runs=runs, explore=explore, batch_size=args.batch_size,
+                                         seed=args.seed, ks=args.k, keep_examples=args.keep_examples)}
+        for name, (given, records) in sets.items()
+    }
+    report = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
+              "answer_format": algo.answer_format, "protocol": protocol, "runs": runs, "explore": explore,
+              "seed": args.seed, "split": args.split, "limit": args.limit, "results": results}
 
-    rows = [(k, v) for k, v in result.items() if k != "examples" and k != "accuracy_per_run"]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    write_json_atomic(out, result)
+    print(f"{ckpt}: {report['algorithm']} stage {algo.stage}, {algo.answer_format} scoring; protocol {protocol}: "
+          f"{runs} run{'s' * (runs > 1)}, explore {str(explore).lower()}")
+    print(format_table(results))
+    write_json_atomic(out, report)
     print(f"wrote {out}")
-    return result
+    return report
 
 
 if __name__ == "__main__":

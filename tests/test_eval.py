@@ -443,10 +443,90 @@ def test_main_writes_json(fake_registry, run_dir, capsys):
     res = ev.main(["--checkpoint", str(run), "--limit", "3", "--runs", "2", "--k", "1,2,8", "--device", "cpu"])
     written = json.loads((run / "eval.json").read_text())
     assert written == res
-    assert res["algorithm"] == "CheckpointAlgo" and res["stage"] == 2 and res["num_examples"] == 3
-    assert res["accuracy"] == 0.0 and "pass@2" in res and "pass@8" not in res and res["mean_length"] == 5.0
+    assert res["algorithm"] == "CheckpointAlgo" and res["stage"] == 2 and res["runs"] == 2
+    assert list(res["results"]) == ["synthetic"]
+    r = res["results"]["synthetic"]
+    assert r["data"] == "synthetic" and r["num_examples"] == 3
+    assert r["accuracy"] == 0.0 and "pass@2" in r and "pass@8" not in r and r["mean_length"] == 5.0
     assert sorted(os.listdir(run)) == ["checkpoint", "eval.json"]   # no temporary file left behind
     assert "accuracy" in capsys.readouterr().out
+    (run / "eval.json").unlink()
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def test_main_several_data_sets_one_table(fake_registry, run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    data = f"synthetic,{FIXTURES / 'gsm8k_aug.txt'},{FIXTURES / 'svamp.json'},{FIXTURES / 'multiarith.json'}"
+    res = ev.main(["--checkpoint", str(run), "--data", data, "--limit", "2", "--runs", "3", "--k", "1,2",
+                   "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text()) == res
+    assert list(res["results"]) == ["synthetic", "gsm8k_aug", "svamp", "multiarith"]   # names: given, or file stems
+    assert res["results"]["svamp"]["data"] == str(FIXTURES / "svamp.json")
+    for r in res["results"].values():
+        assert r["num_examples"] == 2 and r["runs"] == 3 and r["accuracy"] == 0.0 and r["pass@2"] == 0.0
+        assert r["mean_latent_steps"] == 3.0 and r["mean_length"] == 5.0 and r["frac_truncated"] == 0.0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(next(line for line in out if line.startswith("data "))):-1]
+    assert table[0].split() == ["data", "accuracy", "pass@2", "latent", "steps", "length", "truncated", "n"]
+    assert [line.split()[0] for line in table[1:]] == ["synthetic", "gsm8k_aug", "svamp", "multiarith"]
+    assert table[2].split() == ["gsm8k_aug", "0.0000", "+-", "0.0000", "0.0000", "3.00", "5.00", "0.000", "2"]
+
+
+def test_main_names_clashing_stems_by_path(fake_registry, run_dir, tmp_path):
+    run, _ = run_dir
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    paths = [str(tmp_path / d / "test.jsonl") for d in ("a", "b")]
+    res = ev.main(["--checkpoint", str(run), "--data", ",".join(paths), "--device", "cpu",
+                   "--out", str(tmp_path / "e.json")])
+    assert list(res["results"]) == paths
+
+
+@pytest.mark.parametrize("protocol, algo, runs, explore, expected", [
+    ("auto", "dropout_grpo", None, None, ("coconut", 1, False)),
+    ("auto", "latent_grpo", None, None, ("latent-grpo", 5, False)),
+    ("auto", "my_method", None, None, ("coconut", 1, False)),        # no protocol of its own: greedy, one run
+    ("coconut", "latent_grpo", None, None, ("coconut", 1, False)),
+    ("latent-grpo", "dropout_grpo", None, None, ("latent-grpo", 5, False)),
+    ("auto", "latent_grpo", 8, True, ("latent-grpo", 8, True)),       # explicit flags win
+    ("coconut", "dropout_grpo", None, True, ("coconut", 1, True)),
+])
+def test_resolve_protocol(protocol, algo, runs, explore, expected):
+    assert ev.resolve_protocol(protocol, algo, runs, explore) == expected
+
+
+def test_resolve_protocol_unknown():
+    with pytest.raises(ValueError, match="latent-grpo"):
+        ev.resolve_protocol("pal", "latent_grpo")
+
+
+@pytest.fixture
+def latent_run(monkeypatch, run_dir, tmp_path):
+    """The fake algorithm registered as latent_grpo, in a checkpoint that says latent_grpo."""
+    import shutil
+
+    monkeypatch.setitem(ev.ALGORITHMS, "latent_grpo", f"{__name__}:CheckpointAlgo")
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(run_dir[0] / "checkpoint", ckpt)
+    (ckpt / "algorithm.json").write_text(json.dumps({"algo": "latent_grpo", "config": {"x": 3}, "stage": 2}))
+    return ckpt
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("latent-grpo", 5, False)),
+    (["--protocol", "coconut"], ("coconut", 1, False)),
+    (["--runs", "2", "--explore", "true"], ("latent-grpo", 2, True)),
+])
+def test_main_protocol(latent_run, tmp_path, flags, expected):
+    res = ev.main(["--checkpoint", str(latent_run), "--limit", "2", "--k", "1,4", "--device", "cpu",
+                   "--out", str(tmp_path / "e.json"), *flags])
+    assert (res["protocol"], res["runs"], res["explore"]) == expected
+    r = res["results"]["synthetic"]
+    assert r["runs"] == expected[1] and len(r["accuracy_per_run"]) == expected[1]
+    assert ("pass@4" in r) == (expected[1] >= 4)
 
 
 @pytest.mark.parametrize("value, expected", [("false", False), ("0", False), ("No", False), ("False", False),
@@ -484,6 +564,26 @@ def test_cli_missing_checkpoint(tmp_path):
 def test_cli_bad_flag_value(tmp_path):
     assert_user_error(run_cli("--checkpoint", str(tmp_path), "--explore", "maybe"), "--explore", "maybe")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("data, words", [
+    ("synthetic,gsm9k", ["--data gsm9k", "not a named data set"]),
+    ("synthetic,synthetic", ["synthetic listed twice"]),
+    ("gsm-hard", ["--data gsm-hard has no 'valid' split"]),
+])
+def test_cli_bad_data_set(tmp_path, data, words):
+    (tmp_path / "algorithm.json").write_text(json.dumps({"algo": "dropout_grpo", "config": {}, "stage": 0}))
+    split = ["--split", "valid"] if data == "gsm-hard" else []
+    assert_user_error(run_cli("--checkpoint", str(tmp_path), "--data", data, *split), *words)
+    assert os.listdir(tmp_path) == ["algorithm.json"]
+
+
+def test_cli_hub_unreachable(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))  # an empty cache: the hub is the only source
+    (tmp_path / "algorithm.json").write_text(json.dumps({"algo": "dropout_grpo", "config": {}, "stage": 0}))
+    proc = run_cli("--checkpoint", str(tmp_path), "--data", "synthetic,gsm8k")
+    assert_user_error(proc, "--data gsm8k: the Hugging Face hub is unreachable", "path/to/gsm8k_test.jsonl")
+    assert os.listdir(tmp_path) == ["algorithm.json"]
 
 
 def test_cli_data_file_with_missing_field(tmp_path):

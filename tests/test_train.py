@@ -60,7 +60,7 @@ def test_checkpoint_loads_with_plain_transformers_and_eval_cli(finished_run):
     result = run_cli("eval.py", "--checkpoint", str(out), "--limit", "3", "--runs", "2", "--k", "1,2",
                      "--out", str(out / "e.json"))
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "e.json").read_text())
+    report = json.loads((out / "e.json").read_text())["results"]["synthetic"]
     assert report["num_examples"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and "pass@2" in report
 
 
