@@ -30,6 +30,7 @@ number of thoughts (one curriculum stage).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 # §2.1: <bot> opens the latent phase, <latent> holds a thought's place in SFT sequences, <eot> closes it.
 # Coconut's own names come first: a tokenizer that already has them (a Coconut checkpoint) keeps its rows.
@@ -80,11 +81,14 @@ class Config:
     """k3 KL coefficient towards the reference model (§3.7); 0 = no reference model."""
     ref_masked: bool = True
     """Evaluate the reference model under each rollout's own mask (common random numbers, §3.7)."""
+    compile: str = "auto"
+    """torch.compile the rollout's per-position forward (on a static KV cache) and the loss: auto (on when the model
+    is on CUDA) | true | false. The first calls compile (seconds to a minute); on CPU it rarely pays for itself."""
 
     def __post_init__(self):
         choices = {"mask_sites": ("native", "latent_vec", "mlp_hidden"), "mask_scope": ("rollout", "latent_only"),
                    "mask_mode": ("shared", "per_step"), "adv_mode": ("mean", "loo", "std"),
-                   "norm": ("const", "tokens")}
+                   "norm": ("const", "tokens"), "compile": ("auto", "true", "false")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -138,25 +142,39 @@ def group_advantages(rewards: Tensor, mode: str) -> Tensor:
 
 
 def clipped_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
-                 epsilon: float, beta: float, denom: float | Tensor) -> tuple[Tensor, dict[str, float]]:
-    """The clipped surrogate plus k3 KL of §3.7 over the scored steps `mask` (N, L), divided by `denom`."""
+                 epsilon: float, beta: float, denom: float | Tensor,
+                 compiled: bool = False) -> tuple[Tensor, dict[str, float]]:
+    """The clipped surrogate plus k3 KL of §3.7 over the scored steps `mask` (N, L), divided by `denom`.
+    compiled: the maths runs under torch.compile (Config.compile)."""
+    terms = _compiled(_clipped_terms, dynamic=True) if compiled else _clipped_terms
+    loss, kl, clip_ratio, ratio_mean = terms(logp, old_logp, ref_logp, adv, mask, epsilon, beta, denom)
+    stats = {} if kl is None else {"kl": kl.item()}
+    return loss, {**stats, "clip_ratio": clip_ratio.item(), "ratio_mean": ratio_mean.item()}
+
+
+def _clipped_terms(logp, old_logp, ref_logp, adv, mask, epsilon, beta, denom):
+    """clipped_loss as tensors: the loss, and the mean k3 KL (None without a reference), clip ratio and mean ratio
+    over the scored steps. Masked sums rather than boolean indexing, so that torch.compile sees one static graph."""
     # §3.7: ρ_{k,j} = exp(ℓ^θ_{k,j} − ℓ^old_{k,j}), both under the replayed mask m_k
     ratio = torch.exp(logp - old_logp)                                             # (N, L)
     # §3.7: L_pg = −(1/N) Σ_k Σ_j min(ρ_{k,j} A_k, clip(ρ_{k,j}, 1−ε, 1+ε) A_k)
     per_step = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
-    stats = {}
+    scored = mask.sum()
+
+    def mean(x):                                                                   # over the scored steps
+        return torch.where(mask, x.detach(), 0).sum() / scored
+
+    kl_mean = None
     if ref_logp is not None:
         # §3.7: L_kl = (1/N) Σ_k Σ_j [exp(ℓ^ref − ℓ^θ) − (ℓ^ref − ℓ^θ) − 1]     (k3, ≥ 0)
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_step = per_step + beta * kl
-        stats["kl"] = kl.detach()[mask].mean().item()
+        kl_mean = mean(kl)
     loss = torch.where(mask, per_step, 0).sum() / denom
     # the clip binds where ρ left [1−ε, 1+ε] on the side the advantage pushes towards: those steps get no gradient
-    ratio, adv = ratio.detach()[mask], adv.expand_as(mask)[mask]
     clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
-    stats.update(clip_ratio=clipped.double().mean().item(), ratio_mean=ratio.mean().item())
-    return loss, stats
+    return loss, kl_mean, mean(clipped.double()), mean(ratio)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,6 +278,67 @@ def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(_wide(logits) / temperature, -1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled step (Config.compile): the rollout's per-position forward on a static KV cache, the loss maths
+# ---------------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _compiled(fn, **options):
+    """torch.compile(fn, **options), wrapped once per process (the compilation itself happens at the first call)."""
+    return torch.compile(fn, **options)
+
+
+def _step(model, cache, attn: Tensor, **inputs) -> tuple[Tensor, Tensor]:
+    """One cached forward: the last-layer hidden states, post final norm (the LM head's input, Coconut's
+    `hidden_states[-1]`), and the logits."""
+    out = model(**inputs, attention_mask=attn, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
+
+
+def _compiled_step(model, cache: StaticCache, attn: Tensor, **inputs) -> tuple[Tensor, Tensor]:
+    """`_step` under torch.compile: CUDA graphs on CUDA (mode reduce-overhead), inductor's default mode elsewhere.
+    Every call of a rollout has the same shapes (static cache, full-width mask), so a rollout compiles one graph per
+    kind of call (thought / token, masked / not), and a later rollout of the same rows and cache length none."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.compiler.cudagraph_mark_step_begin()          # the previous replay's outputs were copied out below
+    # contiguous: the first thought's input is a strided view of the prefill's states (another graph otherwise)
+    inputs = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    step = _compiled(_step, mode="reduce-overhead" if cuda else None, dynamic=False)
+    # static shapes: training, evaluation and their last partial batches each add graphs, beyond dynamo's default 8
+    with torch._dynamo.config.patch(recompile_limit=64):
+        hidden, logits = step(model, cache, attn, **inputs)
+    return hidden.clone(), logits.clone()                   # a CUDA graph overwrites its outputs at the next replay
+
+
+def _static_cache(cache: DynamicCache, rows: Tensor | None, attn: Tensor, budget: int, config,
+                  spare: StaticCache | None = None) -> tuple[StaticCache, Tensor]:
+    """The prefilled `cache` as a StaticCache with room for `budget` more positions, its rows picked by `rows` (None:
+    all), and the (N, P) attention mask widened to the cache's length. The new columns are 1 from the start: a slot
+    not yet written lies after every query, so the causal mask hides it, and the mask never changes shape.
+    spare: an earlier rollout's StaticCache, reset and reused when it has the same shape (a CUDA graph is recorded
+    against the cache's addresses; a new cache each rollout would make it record again)."""
+    # a power of two: the cache length is a constant of the compiled graph, so few lengths mean few compilations
+    length = max(64, 1 << ((attn.shape[1] + budget) - 1).bit_length())
+    first = cache.layers[0].keys                             # (B, heads, P, d_head)
+    layout = len(cache.layers), (len(attn), first.shape[1], length, first.shape[3]), first.dtype, first.device
+    old = None if spare is None else spare.layers[0].keys
+    if old is not None and (len(spare.layers), old.shape, old.dtype, old.device) == layout:
+        static = spare
+        static.reset()
+    else:
+        static = StaticCache(config=config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        keys, values = (layer.keys, layer.values) if rows is None else (layer.keys[rows], layer.values[rows])
+        static.update(keys, values, i)                       # (N, heads, P, d_head) into slots 0..P-1
+    return static, F.pad(attn, (0, length - attn.shape[1]), value=1)
+
+
+def _next_attn(attn: Tensor, cache) -> Tensor:
+    """The attention mask for one more position: a DynamicCache grows by a column, a StaticCache's mask is full."""
+    return attn if isinstance(cache, StaticCache) else F.pad(attn, (0, 1), value=1)
+
+
 class DropoutGRPO:
     """Dropout-GRPO on Coconut: the interface train.py and eval.py use (the interface is in README.md)."""
 
@@ -276,6 +355,7 @@ class DropoutGRPO:
         self.widths = ([w for *_, w in mask_sites(model, cfg.mask_sites)]
                        or [model.get_input_embeddings().embedding_dim])         # latent_vec: the thought's width
         self._active = None       # the per-site (B, d) masks of the forward call in flight; None = identity
+        self._spare = None        # the last compiled rollout's StaticCache, reused by the next one of its shape
         self._id = next(_instance_ids)
         self._install_hooks(model)
 
@@ -287,8 +367,9 @@ class DropoutGRPO:
         names = [coconut if coconut in vocab else ours for coconut, ours in TOKEN_NAMES.values()]
         missing = [n for n in names if n not in vocab]
         if missing and not add_tokens:
-            raise ValueError(f"the tokenizer has no {missing[0]!r} token (nor Coconut's name for it); a Dropout-GRPO "
-                             f"checkpoint must come from a run that added it (DropoutGRPO(..., add_tokens=True))")
+            raise ValueError(f"the tokenizer has no {missing[0]!r} token (nor Coconut's name for it): start from a "
+                             f"Coconut or Dropout-GRPO checkpoint, or from a run that trains the latent initialisation "
+                             f"and adds it (DropoutGRPO(..., add_tokens=True))")
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -357,19 +438,23 @@ class DropoutGRPO:
 
     # ---- §2.2 the latent recurrence -----------------------------------------------------------------------------
 
-    def _forward(self, model, masks, cache, attn, **inputs) -> tuple[Tensor, Tensor]:
-        """One cached forward call under `masks`. Returns the last-layer hidden states, post final norm (the LM
-        head's input, Coconut's `hidden_states[-1]`), and the logits."""
-        with self._masked(masks):
-            out = model(**inputs, attention_mask=attn, past_key_values=cache, use_cache=True,
-                        output_hidden_states=True)
-        return out.hidden_states[-1], out.logits
+    def _compiling(self, device: torch.device) -> bool:
+        """Config.compile for the device a call runs on: auto = on CUDA only."""
+        return self.cfg.compile == "true" or (self.cfg.compile == "auto" and device.type == "cuda")
 
-    def _think(self, model, ids, attn, T: int, masks, rows: Tensor | None = None):
+    def _forward(self, model, masks, cache, attn, **inputs) -> tuple[Tensor, Tensor]:
+        """One cached forward call under `masks` (`_step`; compiled on a StaticCache). Returns the last-layer hidden
+        states, post final norm, and the logits."""
+        with self._masked(masks):
+            return (_compiled_step if isinstance(cache, StaticCache) else _step)(model, cache, attn, **inputs)
+
+    def _think(self, model, ids, attn, T: int, masks, rows: Tensor | None = None, budget: int = 0):
         """Prefill left-padded prompts ending in <bot>, then run T continuous thoughts with the KV cache.
 
         rows: when the prompt is not masked, each question is prefilled once and `rows` (N,) expands its cache
-        over the question's rollouts. Returns (cache, attention mask, last position id (N,), h_T (N, d)).
+        over the question's rollouts. budget > 0: the compiled rollout; after the prefill the cache becomes a
+        StaticCache with room for `budget` positions (the thoughts and what follows them). Returns (cache, attention
+        mask, last position id (N,), h_T (N, d)).
         """
         device = model.device
         ids, attn = ids.to(device), attn.to(device)
@@ -383,26 +468,30 @@ class DropoutGRPO:
         h, pos = hid[:, -1], pos[:, -1]                                         # (B, d), (B,)
         if rows is not None:
             rows = rows.to(device)
-            cache.reorder_cache(rows)
             h, pos, attn = h[rows], pos[rows], attn[rows]
+        if budget:
+            cache, attn = _static_cache(cache, rows, attn, budget, model.config, self._spare)
+            self._spare = cache
+        elif rows is not None:
+            cache.reorder_cache(rows)
         for t in range(1, T + 1):
             # §2.2: e_t = h_{t−1}, fed back as the next input embedding; never detached (§3.9: full BPTT)
             e = h * masks[t][0] if masks is not None and self.cfg.mask_sites == "latent_vec" else h
-            attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
+            attn, pos = _next_attn(attn, cache), pos + 1
             # one position with the cache: a thought costs what a token costs
             hid, _ = self._forward(model, None if masks is None else masks[t], cache, attn,
                                    inputs_embeds=e[:, None], position_ids=pos[:, None], logits_to_keep=1)
             h = hid[:, -1]                                                      # h_t (N, d)
         return cache, attn, pos, h
 
-    def _latent_phase(self, model, prompts: list[Tensor], T: int, masks):
+    def _latent_phase(self, model, prompts: list[Tensor], T: int, masks, budget: int = 0):
         """Prefill + T thoughts for N rows. A prompt under a mask is prefilled per row; an unmasked one once per run
         of equal consecutive prompts (a group), its cache then expanded over the run (§3.4 note)."""
         if masks is not None and self.cfg.mask_sites != "latent_vec":
-            return self._think(model, *_left_pad(prompts, self.pad_id), T, masks)
+            return self._think(model, *_left_pad(prompts, self.pad_id), T, masks, budget=budget)
         new = torch.tensor([i == 0 or not torch.equal(prompts[i], prompts[i - 1]) for i in range(len(prompts))])
         unique = [p for p, is_new in zip(prompts, new) if is_new]
-        return self._think(model, *_left_pad(unique, self.pad_id), T, masks, rows=new.cumsum(0) - 1)
+        return self._think(model, *_left_pad(unique, self.pad_id), T, masks, rows=new.cumsum(0) - 1, budget=budget)
 
     def _teacher_forced(self, model, cache, attn, pos, tokens: Tensor, valid: Tensor, masks) -> Tensor:
         """Logits (B, L, V) of one teacher-forced pass over `tokens` (B, L) after the latent phase."""
@@ -481,7 +570,9 @@ class DropoutGRPO:
         seeds = (torch.randint(2**62, (N,), generator=generator, device=generator.device).cpu() if explore
                  else torch.full((N,), -1))
         masks = self._masks(seeds, T, model)
-        cache, attn, pos, h = self._latent_phase(model, prompts, T, masks)
+        # compiled: a static cache with a slot for each thought, <eot> and every answer token but the last
+        budget = T + self.cfg.max_new_tokens if self._compiling(model.device) else 0
+        cache, attn, pos, h = self._latent_phase(model, prompts, T, masks, budget)
         answers, logps, truncated = self._decode(model, cache, attn, pos, self._answer_masks(masks, T), greedy,
                                                  generator)
         return Rollout(
@@ -497,7 +588,7 @@ class DropoutGRPO:
         done = torch.zeros_like(tok, dtype=torch.bool)
         tokens, logps = [], []
         for _ in range(self.cfg.max_new_tokens):
-            attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
+            attn, pos = _next_attn(attn, cache), pos + 1
             _, logits = self._forward(model, masks, cache, attn, input_ids=tok[:, None], position_ids=pos[:, None])
             logp = _log_softmax(logits[:, -1], self.cfg.temperature)                 # (N, V)
             # §3.4: y_j ~ softmax(logits / τ), top-p 1.0 (greedy for the evaluation policy)
@@ -549,7 +640,14 @@ class DropoutGRPO:
         mask = torch.arange(logprobs.shape[1], device=logprobs.device) < lengths[:, None]          # (N, L)
         denom = len(lengths) * self.cfg.max_new_tokens if self.cfg.norm == "const" else mask.sum().clamp(min=1)
         return clipped_loss(logprobs, old_logprobs, ref_logprobs, advantages.to(logprobs.device), mask,
-                            self.cfg.epsilon, self.cfg.beta, denom)
+                            self.cfg.epsilon, self.cfg.beta, denom, self._compiling(logprobs.device))
+
+    def loss_normaliser(self, rollout: Rollout) -> float:
+        """What `loss` divides by (§3.7): rows · max_new_tokens (const), or the answer tokens (tokens). train.py weights
+        a micro-batch's loss by its share of the mini-batch's normaliser, so the accumulated gradient is the same."""
+        if self.cfg.norm == "const":
+            return float(len(rollout.answer_ids) * self.cfg.max_new_tokens)
+        return float(max(1, sum(len(a) for a in rollout.answer_ids)))
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
         """dropout/distinct_answers_per_group: how many different answers a group explores (1 = collapsed);

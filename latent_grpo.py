@@ -46,12 +46,13 @@ Deliberate simplifications and choices, all [I] in the spec:
   * Embeddings (input and LM head) are trainable during the SFT initialisation, where the new tokens must learn, and
     frozen by `start_rl(model)`, which train.py calls once before building the RL optimiser (5.4).
 """
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 THINK, END_THINK = "<think>", "</think>"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}.\n"
@@ -114,6 +115,10 @@ class Config:
     """S: curriculum stages after CoT SFT; stage s replaces the first ceil(s/S * n_steps) CoT steps by latents."""
     latent: bool = True
     """False: explicit-CoT GRPO baseline with the same loop (no latent steps, Latent-GRPO fixes off)."""
+    # ---- speed ----
+    compile: str = "auto"
+    """torch.compile the rollout's per-position forward (on a static KV cache), the log-probs and the loss: auto (on
+    when the model is on CUDA) | true | false. The first calls compile (seconds to a minute); on CPU it rarely pays."""
 
     def __post_init__(self):
         checks = [
@@ -133,6 +138,7 @@ class Config:
             (self.beta >= 0, f"--beta must be >= 0 (got {self.beta})"),
             (self.c_latent >= 1, f"--c-latent must be >= 1 (got {self.c_latent})"),
             (self.latent_stages >= 0, f"--latent-stages must be >= 0 (got {self.latent_stages})"),
+            (self.compile in ("auto", "true", "false"), f"--compile must be auto, true or false (got {self.compile})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -278,6 +284,85 @@ def first_token_selection(advantages: torch.Tensor, mean_old_logprob: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The objective (spec 5.3): a pure function on (N, L) tensors
+# ------------------------------------------------------------------------------------------------------------------
+
+def dual_clip_loss(logprobs, old_logprobs, ref_logprobs, A, valid, epsilon: float, epsilon_high: float,
+                   dual_clip: float, beta: float):
+    """Dual-clip PPO loss, token-mean over `valid` (N, L), plus beta * k3 KL when beta > 0. A (N, L).
+    -> loss, kl (0 when beta = 0), clip ratio: tensors only (no .item()), so torch.compile takes it as one graph."""
+    # r_t = exp(l_t(theta) - l_t(theta_old)); the log-ratio is clamped to +-20 as in verl, so that an
+    # advantage of 0 never meets an infinite ratio
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    # l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
+    l1, l2 = -A * ratio, -A * ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    per_token = torch.maximum(l1, l2)
+    # dual clip: if A < 0, l = min(l, -A c)
+    per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
+    loss = _masked_mean(per_token, valid)
+    kl = logprobs.new_zeros(())
+    if beta > 0:
+        # k3: kl = exp(l_ref - l) - (l_ref - l) - 1, clamped to [-10, 10]
+        d = ref_logprobs - logprobs
+        kl = _masked_mean((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid)
+        loss = loss + beta * kl
+    return loss, kl, _masked_mean((l2 > l1).float(), valid)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Compiled step (Config.compile): the rollout's per-position forward on a static KV cache; the maths above
+# ------------------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _compiled(fn, **options):
+    """torch.compile(fn, **options), wrapped once per process (the compilation itself happens at the first call)."""
+    return torch.compile(fn, **options)
+
+
+def _step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+    """One cached forward of input embeddings x (N, 1, d) -> logits (N, 1, V)."""
+    return model(inputs_embeds=x, attention_mask=mask, position_ids=position, past_key_values=cache,
+                 use_cache=True).logits
+
+
+def _compiled_step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                   cache: StaticCache) -> torch.Tensor:
+    """`_step` under torch.compile: CUDA graphs on CUDA (mode reduce-overhead), inductor's default mode elsewhere.
+    Every call of a rollout has the same shapes (static cache, full-width mask), so a rollout compiles one graph, and
+    a later rollout of the same rows and cache length none."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.compiler.cudagraph_mark_step_begin()         # the previous replay's output was copied out below
+    step = _compiled(_step, mode="reduce-overhead" if cuda else None, dynamic=False)
+    # static shapes: training, evaluation and their last partial batches each add graphs, beyond dynamo's default 8
+    with torch._dynamo.config.patch(recompile_limit=64):
+        logits = step(model, x.contiguous(), mask, position, cache)
+    return logits.clone()                                  # a CUDA graph overwrites its outputs at the next replay
+
+
+def _static_cache(cache: DynamicCache, rows: torch.Tensor, mask: torch.Tensor, budget: int, config,
+                  spare: StaticCache | None = None) -> tuple[StaticCache, torch.Tensor]:
+    """The prefilled `cache` as a StaticCache with room for `budget` more positions, its rows picked by `rows`, and
+    the (N, P) attention mask widened to the cache's length. The new columns are 1 from the start: a slot not yet
+    written lies after every query, so the causal mask hides it, and the mask never changes shape.
+    spare: an earlier rollout's StaticCache, reset and reused when it has the same shape (a CUDA graph is recorded
+    against the cache's addresses; a new cache each rollout would make it record again)."""
+    # a power of two: the cache length is a constant of the compiled graph, so few lengths mean few compilations
+    length = max(64, 1 << ((mask.shape[1] + budget) - 1).bit_length())
+    first = cache.layers[0].keys                            # (P, heads, Lp, d_head)
+    layout = len(cache.layers), (len(rows), first.shape[1], length, first.shape[3]), first.dtype, first.device
+    old = None if spare is None else spare.layers[0].keys
+    if old is not None and (len(spare.layers), old.shape, old.dtype, old.device) == layout:
+        static = spare
+        static.reset()
+    else:
+        static = StaticCache(config=config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys[rows], layer.values[rows], i)   # (N, heads, P, d_head) into slots 0..P-1
+    return static, F.pad(mask, (0, length - mask.shape[1]), value=1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The algorithm
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -288,17 +373,24 @@ class LatentGRPO:
     answer_format = "math"   # last \\boxed{}, else after ####, else the last number
     # the loop's defaults this method changes: the surrogate density needs a smaller step than Dropout-GRPO
     train_defaults = {"learning_rate": 3e-5}
+    _spare = None   # the last compiled rollout's StaticCache, reused by the next one of its shape (Config.compile)
 
     def __init__(self, model, tokenizer, cfg: Config, add_tokens: bool):
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in (THINK, END_THINK) if t not in vocab]
-        if missing and not add_tokens:
-            raise ValueError(
-                f"tokenizer has no {' / '.join(missing)} token: load the checkpoint saved after the latent "
-                f"initialisation, or add it with tokenizer.add_tokens({missing}, special_tokens=True) and "
-                f"model.resize_token_embeddings(len(tokenizer)) (add_tokens=True does both)")
-        if missing:
+        # add_tokens=True (the initialisation is trained here): <think> / </think> become single tokens where missing.
+        # add_tokens=False (a checkpoint used as it is): nothing is added, so the end id stays the checkpoint's own. A
+        # released Latent-SFT tokenizer may split </think> (LLaMA-3: "</" "think" ">", end id 524 = "</", spec 2), so
+        # each marker only has to encode to at least one known token; the end id is </think>'s first (spec 3, 12.5)
+        missing = [t for t in (THINK, END_THINK) if t not in tokenizer.get_vocab()]
+        if missing and add_tokens:
             self._add_tokens(model, tokenizer, missing)
+        for marker in (THINK, END_THINK):
+            ids = tokenizer.encode(marker, add_special_tokens=False)
+            if not ids or ids[0] == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the tokenizer cannot encode {marker} (it gives {ids}), so there is no "
+                    f"{'end-of-latent id' if marker == END_THINK else 'prompt end'}: use a Latent-SFT checkpoint's "
+                    f"tokenizer, or add it with tokenizer.add_tokens([{marker!r}], special_tokens=True) and "
+                    f"model.resize_token_embeddings(len(tokenizer)) (add_tokens=True does both)")
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no eos_token: set tokenizer.eos_token before building LatentGRPO")
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -387,6 +479,10 @@ class LatentGRPO:
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 module.weight.requires_grad_(False)
 
+    def _compiling(self, device: torch.device) -> bool:
+        """Config.compile for the device a call runs on: auto = on CUDA only."""
+        return self.cfg.compile == "true" or (self.cfg.compile == "auto" and device.type == "cuda")
+
     # ---- sampling (spec 3) ----
 
     @torch.no_grad()
@@ -413,10 +509,17 @@ class LatentGRPO:
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
-        cache.batch_repeat_interleave(G)
         z = _fp32(out.logits[:, -1]).repeat_interleave(G, 0)                           # (N, V)
         mask, position = mask.repeat_interleave(G, 0), position[:, -1:].repeat_interleave(G, 0)
         N, K, budget = z.shape[0], cfg.top_k, cfg.max_response_length
+        compiled = self._compiling(dev)
+        if compiled:
+            # fixed shapes from here on: a static cache with a slot for every position but the last (never fed back)
+            rows = torch.arange(len(prompts), device=dev).repeat_interleave(G)
+            cache, mask = _static_cache(cache, rows, mask, budget - 1, model.config, self._spare)
+            self._spare = cache
+        else:
+            cache.batch_repeat_interleave(G)
         latent_cap = (budget if cfg.max_latent_steps < 0 else cfg.max_latent_steps) if cfg.latent else 0
         noise_scale = cfg.noise_scale if explore else 0.0
 
@@ -455,11 +558,10 @@ class LatentGRPO:
                 break
             # next input: the soft embedding after a latent step, E[y] after a hard one (spec 3.1.8, 3.3)
             x = torch.where(soft[:, None], soft_embedding(E, ids_t, w), E[y]) if soft.any() else E[y]
-            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
+            if not compiled:                                # a static cache's mask already has every column
+                mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
             position = position + 1
-            out = model(inputs_embeds=x[:, None], attention_mask=mask, position_ids=position,
-                        past_key_values=cache, use_cache=True)
-            z = _fp32(out.logits[:, -1])
+            z = _fp32((_compiled_step if compiled else _step)(model, x[:, None], mask, position, cache)[:, -1])
 
         tokens, topk_ids, topk_scores = tokens.cpu(), topk_ids.cpu(), topk_scores.cpu()
         lengths, num_latent = lengths.cpu(), num_latent.cpu()
@@ -506,9 +608,13 @@ class LatentGRPO:
                        logits_to_keep=L + 1).logits[:, :-1]
         logits = _fp32(logits)                                                          # (N, L, V)
 
+        # the two densities on a varying number of steps: compiled with dynamic shapes (Config.compile)
+        compiled = self._compiling(dev)
+        hard_density = _compiled(token_logprob, dynamic=True) if compiled else token_logprob
+        latent_density = _compiled(latent_logprob, dynamic=True) if compiled else latent_logprob
         ell = logits.new_zeros(N, L)
         hard = valid & ~latent
-        ell[hard] = token_logprob(logits[hard], response[hard], cfg.temperature)
+        ell[hard] = hard_density(logits[hard], response[hard], cfg.temperature)
         if latent.any():
             z = logits[latent]                                                          # (n_latent, V)
             A = None
@@ -517,7 +623,7 @@ class LatentGRPO:
                 # how often FlipGrad acts, logged as latent/flip_frac
                 x = gumbel_perturbation(z.detach(), topk_ids, topk_scores)
                 self.last_flip_frac = ((A[:, None] <= 0) & (x < 0)).float().mean().item()
-            ell[latent] = latent_logprob(z, topk_ids, topk_scores, A)
+            ell[latent] = latent_density(z, topk_ids, topk_scores, A)
         return ell
 
     # ---- advantages (spec 5.1, 6.1, 6.3) ----
@@ -551,28 +657,21 @@ class LatentGRPO:
         N, L = logprobs.shape
         valid = (torch.arange(L) < rollout.lengths[:, None]).to(logprobs.device)
         A = advantages[:, :L].to(logprobs.device).expand(N, L)
-        # r_t = exp(l_t(theta) - l_t(theta_old)); the log-ratio is clamped to +-20 as in verl, so that an
-        # advantage of 0 never meets an infinite ratio
-        ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
-        # l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
-        l1, l2 = -A * ratio, -A * ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_high)
-        per_token = torch.maximum(l1, l2)
-        # dual clip: if A < 0, l = min(l, -A c)
-        per_token = torch.where(A < 0, torch.minimum(per_token, -A * cfg.dual_clip), per_token)
-        loss = _masked_mean(per_token, valid)
-        kl = torch.zeros(())
-        if cfg.beta > 0:
-            # k3: kl = exp(l_ref - l) - (l_ref - l) - 1, clamped to [-10, 10]
-            d = ref_logprobs - logprobs
-            kl = _masked_mean((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid)
-            loss = loss + cfg.beta * kl
+        objective = _compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
+        loss, kl, clip_ratio = objective(logprobs, old_logprobs, ref_logprobs, A, valid, cfg.epsilon,
+                                         cfg.epsilon_high, cfg.dual_clip, cfg.beta)
         masked_invalid = rollout.truncated.float().mean().item() if cfg.invalid_mask and cfg.latent else 0.0
         return loss, {
-            "clip_ratio": _masked_mean((l2 > l1).float(), valid).item(),
+            "clip_ratio": clip_ratio.item(),
             "kl": kl.item(),
             "latent/flip_frac": self.last_flip_frac,
             "adv/frac_masked_invalid": masked_invalid,
         }
+
+    def loss_normaliser(self, rollout: Rollout) -> float:
+        """What `loss` divides by: its token mean runs over every valid position of the batch (5.3). train.py weights
+        a micro-batch's loss by its share of the mini-batch's normaliser, so the accumulated gradient is the same."""
+        return float(rollout.lengths.sum())
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
         """Chain length and latent health, logged every step (the latent chain can collapse during RL)."""

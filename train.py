@@ -5,6 +5,8 @@ The one training loop both papers share: latent initialisation (SFT), then GRPO.
     python train.py --algo latent_grpo           # Latent-GRPO on the same default
     python train.py --algo latent_grpo --latent false     # explicit-CoT GRPO, the baseline both papers compare to
     python train.py --algo dropout_grpo --help   # every knob of the loop and of that algorithm
+    python train.py --preset dropout-grpo-gsm8k --init-from COCONUT.pt      # a paper's recipe on real models
+    python train.py --preset latent-grpo-gsm8k-llama --model LATENT_SFT_DIR
 
 With no arguments everything is built in code, nothing is downloaded: a byte-level BPE tokenizer trained on the
 synthetic task (data.py), a tiny GPT-2 from a config, and a seeded GSM8K-Aug-style task. `--model` takes any
@@ -18,7 +20,7 @@ The pipeline:
   4. evaluate again (`final_accuracy`), write `summary.json`.
 
 The loop knows an algorithm only through the small interface in README.md ("The algorithm interface"): a class with
-`sft_batch / sft_loss / rollout / logprobs / advantages / loss / metrics / generate`. Everything the papers
+`sft_batch / sft_loss / rollout / logprobs / advantages / loss / loss_normaliser / metrics / generate`. Everything the papers
 specify lives in the algorithm files; this file only does the plumbing: config, data, model, optimiser, logging,
 checkpoints.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -53,14 +56,28 @@ import eval as evaluation
 @dataclass
 class Args:
     # --- what to run ---
+    preset: str = ""
+    """A paper's recipe: sets the defaults of its loop and algorithm flags (explicit flags still win). The presets
+    are listed at the end of --help; `--preset NAME --help` shows every default it sets."""
     algo: str = "dropout_grpo"
     """Algorithm: one of the names in eval.ALGORITHMS (dropout_grpo, latent_grpo)."""
     model: str = "tiny"
-    """`tiny` (a small GPT-2 built from a config, with a tokenizer built in code) or any HF causal LM path/hub name."""
+    """`tiny` (a small GPT-2 built from a config, with a tokenizer built in code), or any HF causal LM: a local
+    directory or a hub name (GPT-2, Llama, Qwen2, ...; a Latent-SFT checkpoint for latent_grpo)."""
+    init_from: str = ""
+    """dropout_grpo: a Coconut checkpoint (facebookresearch/coconut's `torch.save(model.state_dict())`, keys
+    `base_causallm.*`) loaded onto --model (its base, e.g. gpt2) after adding Coconut's three tokens. The checkpoint
+    is the latent model: it implies --cot-steps 0 --sft-steps 0, and GRPO starts at the last curriculum stage."""
     data: str = "synthetic"
-    """`synthetic` (the embedded seeded task) or a local JSON/JSONL file of {question, steps, answer} records."""
+    """`synthetic` (the embedded seeded task), a named hub set (gsm8k, gsm8k-aug, svamp, multiarith; its train split)
+    or a local file: .json / .jsonl / .parquet (GSM8K-Aug, openai/gsm8k, SVAMP, MultiArith, GSM-Hard or Latent-GRPO
+    fields, told apart by their names) or internalize-CoT's .txt (`question||<<step>> <<step>> #### answer`)."""
     eval_data: str = ""
-    """Held-out data for evaluation: empty = the synthetic test split, or the last --eval-size rows of --data."""
+    """Held-out data, a name or a file as for --data (gsm-hard too). Empty: the test split of a named --data, or the
+    last --eval-size rows of a --data file."""
+    field_map: str = ""
+    """Fields of a local --data / --eval-data file, when its format is not detected: question=Body+Question,answer=Answer
+    [,steps=...] (a+b joins two fields, a.b reads a nested key)."""
     out: str = "runs/default"
     """Output directory: config.json, metrics.jsonl, summary.json, checkpoint/."""
     seed: int = 0
@@ -73,6 +90,18 @@ class Args:
     """CPU threads for torch. The tiny default is overhead-bound: 1 thread is fastest; 0 = torch's default."""
     resume: bool = False
     """Continue from --out/checkpoint if it exists (same config), instead of starting over."""
+    # --- memory, for real model sizes on one GPU ---
+    bf16: bool = False
+    """Autocast to bfloat16 for SFT, rollouts, log-probs, update and evaluation (CUDA; allowed on CPU, where it saves
+    little). Weights, gradients and AdamW stay float32; log-softmax, losses and advantages are computed in float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass of the update (and of SFT) instead of storing
+    them. latent_grpo only: dropout_grpo's update replays the thoughts through the KV cache, which checkpointed
+    transformers layers drop, and its mask hooks would be off when a layer is recomputed."""
+    micro_batch_size: int = 0
+    """Rows per forward / backward in the update and in the old / reference log-probs (0 = a whole mini-batch).
+    Gradients are accumulated, each micro-batch weighted by its share of the loss normaliser, so the update equals
+    the mini-batch's."""
     # --- the embedded tiny model ---
     n_layer: int = 4
     """Tiny model: transformer blocks."""
@@ -123,6 +152,61 @@ class Args:
     """Questions per generation batch at evaluation."""
 
 
+# A preset is one paper's run on one GPU: the defaults it gives loop (Args) and algorithm (Config) fields, and the
+# flags the user must still give (the checkpoint to start from), each with why. Spec sections are those of
+# specs/dropout_grpo.md and specs/latent_grpo.md; [I] marks a choice the spec leaves open.
+PRESETS = {
+    "dropout-grpo-gsm8k": {
+        "help": "Coconut GPT-2 checkpoint (--init-from) -> Dropout-GRPO on GSM8K-Aug questions, greedy eval on the "
+                "GSM8K test set",
+        "requires": {"init_from": "the Coconut GPT-2 checkpoint (a torch.save'd state dict, keys base_causallm.*)"},
+        "defaults": {
+            "algo": "dropout_grpo",
+            "model": "gpt2",                              # §2.1: Coconut's base model and tokenizer
+            "data": "gsm8k-aug", "eval_data": "gsm8k",    # §5: GSM8K-Aug train questions; greedy on GSM8K test
+            "eval_size": 1319,                            # §2.3: the whole GSM8K test set
+            "c_thought": 2, "max_latent_stage": 3,        # §2.1, §2.4: c = 2, 3 stages, T = 6 thoughts
+            "p": 0.1, "mask_sites": "native",             # §5 recommended default: p 0.1 at GPT-2's native sites
+            "num_prompts": 32, "num_generations": 8,      # §5: 16-32 prompts ([S]: B = 32), K = 8
+            "temperature": 1.0, "max_new_tokens": 64,     # §5: answers at T 1.0, top-p 1.0; 64 answer tokens
+            "adv_mode": "mean", "epsilon": 0.2,           # §3.6, §5: r - mean(r); clip 0.2
+            "beta": 0.0, "num_iterations": 1,             # §5: no KL (so no reference model); mu = 1
+            "learning_rate": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0,   # §5: full model, AdamW
+            "max_steps": 1000, "eval_every": 50, "save_every": 50,   # [I] §5: keep the best by validation accuracy
+            "micro_batch_size": 64,   # [I] 256 rows x ~220 positions in 4 passes: estimated peak ~18 GB, not ~64
+        },
+    },
+    "latent-grpo-gsm8k-llama": {
+        "help": "Latent-SFT LLaMA-3.2-1B-Instruct checkpoint (--model) -> Latent-GRPO on GSM8K-Aug, eval on the "
+                "GSM8K-Aug test set",
+        "requires": {"model": "the Latent-SFT checkpoint, e.g. DJCheng/LLaMA3.2-1B-Instruct-Latent-SFT-Top10 or a "
+                              "local copy"},
+        "defaults": {
+            "algo": "latent_grpo",
+            "data": "gsm8k-aug", "eval_data": "gsm8k-aug",   # §2: low-difficulty setting
+            "eval_size": 1319,                               # §8: the whole GSM8K-Aug test set
+            "cot_steps": 0, "sft_steps": 0,                  # §2: the Latent-SFT checkpoint is the initialisation
+            "num_prompts": 64, "num_generations": 8,         # §7: train_batch_size 64, n 8
+            "num_mini_batches": 4, "num_iterations": 1,      # §7: mini-batch 16 prompts -> 4 optimiser steps; 1 epoch
+            "learning_rate": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0,   # §7: constant lr, AdamW
+            "epsilon": 0.2, "epsilon_high": 0.2, "dual_clip": 3.0, "beta": 0.0,  # §7: clip 0.2 / 0.2 / 3.0, no KL
+            "top_k": 10, "top_p_latent": 0.95,               # §7: K 10, latent nucleus 0.95
+            "noise_scale": 1.0, "one_sided": True, "gumbel_temperature": 1.0,    # §7: noise on, one-sided, s 1, tau 1
+            "temperature": 0.6, "top_p": 0.95, "answer_top_k": 30,               # §7: answer phase
+            "max_response_length": 128,                      # §7
+            "invalid_mask": True, "exclude_truncated": False,   # §7: include variant on GSM8K
+            "filter_groups": True, "max_num_gen_batches": 50,   # §7: dynamic sampling
+            "freeze_embedding": True,                        # §7
+            # §7: 10 epochs. GSM8K-Aug has 385,620 questions, 6,025 batches of 64 per epoch; dynamic sampling draws
+            # one or more batches per step, so 10 epochs is at most 60,250 steps
+            "max_steps": 60250, "eval_every": 10, "save_every": 40,   # §7: validation every 10, checkpoint every 40
+            # [I] one GPU instead of 8: bf16 autocast, 16 rows per forward / backward (estimated peak ~35 GB)
+            "bf16": True, "micro_batch_size": 16,
+        },
+    },
+}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Config: dataclasses -> argparse, with each field's docstring as its --help
 
@@ -156,21 +240,37 @@ class UserError(Exception):
 
 
 def parse_args(argv=None):
-    """Two passes: --algo first, so that --help lists exactly the chosen algorithm's knobs."""
+    """Two passes: --algo and --preset first, so that --help lists exactly the chosen algorithm's knobs, with the
+    preset's values as their defaults."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--algo", default=Args.algo)
+    pre.add_argument("--algo")
+    pre.add_argument("--preset", default=Args.preset)
     known, _ = pre.parse_known_args(argv)
+    if known.preset and known.preset not in PRESETS:
+        raise UserError(f"unknown --preset {known.preset!r}; known: {', '.join(PRESETS)}")
+    preset = PRESETS.get(known.preset, {"defaults": {}, "requires": {}})
+    algo = preset["defaults"].get("algo", Args.algo)
+    if known.algo and known.preset and known.algo != algo:
+        raise UserError(f"--preset {known.preset} runs --algo {algo}, not {known.algo}")
+    algo = known.algo or algo
     try:
-        algo_cls = evaluation.algorithm_class(known.algo)
+        algo_cls = evaluation.algorithm_class(algo)
     except ValueError as e:
         raise UserError(str(e)) from None
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(),
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets (--preset NAME):\n" + "\n".join(f"  {name:<26}{p['help']}" for name, p in PRESETS.items())
+        + "\n\nmemory: --bf16, --gradient-checkpointing, --micro-batch-size; the frozen reference model (a second copy "
+          "of the weights) is built only when --beta > 0.",
     )
     add_dataclass_args(parser, Args, "training loop (shared)")
-    add_dataclass_args(parser, algo_cls.Config, f"{known.algo} (see {known.algo}.py)")
+    add_dataclass_args(parser, algo_cls.Config, f"{algo} (see {algo}.py)")
     parser.set_defaults(**getattr(algo_cls, "train_defaults", {}))  # an algorithm may change the loop's defaults
+    parser.set_defaults(**preset["defaults"])                          # a preset, then the command line, win over it
     ns = vars(parser.parse_args(argv))
+    for name in preset["requires"]:
+        if ns[name] == parser.get_default(name):
+            raise UserError(f"--preset {known.preset} needs --{name.replace('_', '-')}: {preset['requires'][name]}")
     args = Args(**{f.name: ns[f.name] for f in dataclasses.fields(Args)})
     try:
         algo_cfg = algo_cls.Config(**{f.name: ns[f.name] for f in dataclasses.fields(algo_cls.Config)})
@@ -184,7 +284,7 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["max_steps", "cot_steps", "sft_steps", "eval_every", "save_every"]:
+    for name in ["max_steps", "cot_steps", "sft_steps", "eval_every", "save_every", "micro_batch_size"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_generations < 2:
@@ -193,6 +293,12 @@ def check_args(args: Args) -> None:
         raise UserError(f"--num-prompts ({args.num_prompts}) must be divisible by --num-mini-batches ({args.num_mini_batches})")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.init_from and args.algo != "dropout_grpo":
+        raise UserError(f"--init-from loads a Coconut checkpoint, dropout_grpo's initialisation, not {args.algo}'s")
+    if args.gradient_checkpointing and args.algo == "dropout_grpo":
+        raise UserError("--gradient-checkpointing does not work with dropout_grpo: its update replays the thoughts "
+                        "through the KV cache, which checkpointed transformers layers drop (GPT-2 124M needs no "
+                        "checkpointing; use --micro-batch-size)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,28 +329,128 @@ def build_model(args: Args, name: str):
         return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name)
-    except OSError as e:
-        where = "a local directory" if Path(name).exists() else "the hub (offline, or no such model?)"
-        raise UserError(f"--model {name}: cannot load from {where}: {str(e).splitlines()[0]}") from None
+        # float32 whatever the checkpoint's dtype (transformers 5 would keep a bfloat16 one in bfloat16): AdamW at
+        # lr 1e-6 on bfloat16 weights rounds most updates away. --bf16 autocasts the compute instead.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # OSError: files not found / not fetched; ValueError: not a causal LM
+        reason = str(e).splitlines()[0]
+        if Path(name).exists():
+            raise UserError(f"--model {name}: cannot load this directory as a causal LM: {reason}") from None
+        if "connect" in reason:  # transformers' offline message (HF_HUB_OFFLINE=1, or no network)
+            reason = "the hub is unreachable (offline?) and it is not in the local cache"
+        raise UserError(f"--model {name}: not a local directory, and not loadable from the hub: {reason}; pass a local "
+                        f"directory (e.g. made by `huggingface-cli download {name} --local-dir DIR`)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def load_data(args: Args) -> tuple[list[dict], list[dict]]:
+# Coconut's run.py adds these, in this order, to GPT-2's 50257 tokens (ids 50257-50259); dropout_grpo.TOKEN_NAMES
+# finds them by name.
+COCONUT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+COCONUT_PREFIX = "base_causallm."
+
+
+def load_coconut(model, tokenizer, path: str) -> None:
+    """--init-from: facebookresearch/coconut's checkpoint, `torch.save(Coconut(...).state_dict())` (run.py). Its keys
+    are the base LM's under `base_causallm.`, plus `embedding.weight` (Coconut's alias of the input embeddings,
+    ignored). Coconut's three tokens are added to the tokenizer in Coconut's order, the embeddings resized, and every
+    key of the base model is loaded from the checkpoint (strict on the base model's keys; extra keys are ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--init-from {path}: file not found")
     try:
-        train = data.load_records(args.data, "train", args.data_seed)
-        if args.eval_data:
-            test = data.load_records(args.eval_data, "test", args.data_seed)
-        elif args.data == "synthetic":
-            test = data.load_records("synthetic", "test", args.data_seed)
-        else:  # hold out the tail of the file
-            if len(train) <= args.eval_size:
-                raise UserError(f"--data {args.data}: {len(train)} rows, need more than --eval-size {args.eval_size}")
-            train, test = train[: -args.eval_size], train[-args.eval_size :]
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights-only errors: whatever it is, it is not a state dict
+        raise UserError(f"--init-from {path}: not a state dict saved by torch.save ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"--init-from {path}: not a state dict (a mapping of parameter names to tensors)")
+    base = {k[len(COCONUT_PREFIX):]: v for k, v in state.items() if k.startswith(COCONUT_PREFIX)}
+    if not base:
+        raise UserError(f"--init-from {path}: not a Coconut state dict: keys look like {', '.join(list(state)[:3])} "
+                        f"(expected {COCONUT_PREFIX}...)")
+    tokenizer.add_tokens(list(COCONUT_TOKENS), special_tokens=True)   # those already there keep their ids
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every row is overwritten below
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in base:
+            raise UserError(f"--init-from {path}: the checkpoint has no {COCONUT_PREFIX}{key}, a weight of --model "
+                            f"(is --model the checkpoint's base model?)")
+        if base[key].shape != value.shape:
+            raise UserError(f"--init-from {path}: {COCONUT_PREFIX}{key} has shape {tuple(base[key].shape)}, --model "
+                            f"(with Coconut's 3 tokens) has {tuple(value.shape)}")
+    model.load_state_dict({k: base[k] for k in own})
+
+
+def precision(args: Args, model):
+    """--bf16: one autocast region per forward phase (a rollout, a log-prob pass, a micro-batch's forward and backward,
+    an SFT step, an evaluation), never around an optimiser step: autocast keeps the bfloat16 copies of the weights
+    until its region ends, so a region spanning an update would go on using the old weights."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model, on: bool):
+    """--gradient-checkpointing for one forward + backward (an RL update or an SFT step). transformers checkpoints
+    a decoder layer only in training mode, but RL runs the model in eval(): the noise must come from the algorithm,
+    never from native dropout. So only the decoder layers themselves (GradientCheckpointingLayer) are switched to
+    training mode: their submodules, dropout and attention included, stay in eval(). The forward must not make a KV
+    cache (config.use_cache off meanwhile): a checkpointed layer would write it again when the backward pass
+    recomputes the layer, and the recomputed attention would see the sequence twice."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not on:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    was, use_cache = [m.training for m in layers], model.config.use_cache
+    for m in layers:
+        m.training = True
+    model.config.use_cache = False
+    try:
+        yield
+    finally:
+        for m, training in zip(layers, was):
+            m.training = training
+        model.config.use_cache = use_cache
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Give every decoder layer a non-reentrant checkpoint (it also works when no input requires a gradient, as with
+    frozen embeddings). Inert until a layer is in training mode: SFT (model.train()) and `checkpointed_layers`."""
+    kwargs = {"use_reentrant": False}
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):   # newer transformers; the old name is deprecated
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(kwargs)
+    except ValueError as e:
+        raise UserError(f"--gradient-checkpointing: {e}") from None
+
+
+def load_data(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records: --eval-data, else a named set's own test split, else the tail of the --data file."""
+    try:
+        field_map = data.parse_field_map(args.field_map)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+    def load(flag: str, name: str, split: str) -> list[dict]:
+        try:
+            return data.load_records(name, split, args.data_seed, field_map)
+        except ValueError as e:
+            raise UserError(f"--{flag} {e}") from None
+
+    train = load("data", args.data, "train")
+    if args.eval_data:
+        test = load("eval-data", args.eval_data, "test")
+    elif args.data == "synthetic" or args.data in data.HUB_SETS:
+        test = load("data", args.data, "test")
+    else:  # hold out the tail of the file
+        if len(train) <= args.eval_size:
+            raise UserError(f"--data {args.data}: {len(train)} rows, need more than --eval-size {args.eval_size}")
+        train, test = train[: -args.eval_size], train[-args.eval_size :]
     return train, test[: args.eval_size]
 
 
@@ -310,7 +516,8 @@ class Logger:
 
 
 def evaluate(algo, model, records, args: Args, name: str) -> dict:
-    result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval, seed=args.seed)
+    with precision(args, model):
+        result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval, seed=args.seed)
     length = "all truncated" if result["mean_length"] is None else f"{result['mean_length']:.1f}"
     tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
                f"length {length}")
@@ -333,9 +540,10 @@ def run_sft(args, algo, model, train, test, logger, state, save):
         bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
         for step in bar:
             batch = algo.sft_batch(rng.sample(train, args.sft_batch_size), stage)
-            loss = algo.sft_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
+                loss = algo.sft_loss(model, batch)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             sched.step()
@@ -355,7 +563,8 @@ def rollout_batch(args, algo, model, train, generator, data_rng):
     kept, kept_rewards, seen_rewards, num_batches = [], [], [], 0
     while True:
         batch = data_rng.sample(train, args.num_prompts)
-        rollout = algo.rollout(model, [r["question"] for r in batch], G, generator)
+        with precision(args, model):
+            rollout = algo.rollout(model, [r["question"] for r in batch], G, generator)
         rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in zip((r for r in batch for _ in range(G)), rollout.texts)])
         rewards = rewards.view(len(batch), G)
         seen_rewards.append(rewards)
@@ -386,13 +595,31 @@ def rollout_batch(args, algo, model, train, generator, data_rng):
     return rollout, rewards, metrics
 
 
+def micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    """`rows` in consecutive chunks of `size` (0 = one chunk): the rows of one forward / backward."""
+    size = size or len(rows)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def batched_logprobs(args, algo, model, rollout):
+    """algo.logprobs over the whole rollout, --micro-batch-size rows per forward. Column t is response step t in
+    every chunk, so chunks of different widths are padded with zeros to the widest, the full batch's width."""
+    chunks = micro_batches(list(range(len(rollout.texts))), args.micro_batch_size)
+    if len(chunks) == 1:
+        return algo.logprobs(model, rollout)
+    parts = [algo.logprobs(model, select_rows(rollout, rows)) for rows in chunks]
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
 def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
-    """old/ref log-probs -> advantages -> num_iterations x num_mini_batches clipped updates."""
+    """old/ref log-probs -> advantages -> num_iterations x num_mini_batches clipped updates, each accumulated over
+    micro-batches of --micro-batch-size rows."""
     G = args.num_generations
     t0 = time.perf_counter()
-    with torch.no_grad():
-        old = algo.logprobs(model, rollout)  # (N, L): recomputed, never trusted from the sampler
-        ref = algo.logprobs(ref_model, rollout) if ref_model is not None else None
+    with torch.no_grad(), precision(args, model):
+        old = batched_logprobs(args, algo, model, rollout)  # (N, L): recomputed, never trusted from the sampler
+        ref = batched_logprobs(args, algo, ref_model, rollout) if ref_model is not None else None
     adv = algo.advantages(rewards.to(old.device), rollout, old)  # (N, L) or (N, 1)
     t1 = time.perf_counter()
     groups = list(range(rewards.shape[0]))
@@ -401,19 +628,30 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
     for _ in range(args.num_iterations):
         for i in range(args.num_mini_batches):
             rows = group_rows(groups[i * per_mb:(i + 1) * per_mb], G)
-            mb = rollout if args.num_mini_batches == 1 else select_rows(rollout, rows)
-            idx = torch.tensor(rows, device=old.device)
-            new = algo.logprobs(model, mb, advantages=adv[idx])
-            L = new.shape[1]  # column t is response step t, so a mini-batch is the first L columns of its rows
-            loss, metrics = algo.loss(new, old[idx, :L], None if ref is None else ref[idx, :L], adv[idx, : min(L, adv.shape[1])], mb)
+            chunks = micro_batches(rows, args.micro_batch_size)
+            # the loss is normalised over the whole mini-batch, so a micro-batch's loss, normalised over its own rows,
+            # counts with its share of the mini-batch's normaliser: the summed gradients are the mini-batch's
+            total = algo.loss_normaliser(select_rows(rollout, rows)) if len(chunks) > 1 else None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            metrics = {}
+            for part in chunks:
+                mb = rollout if len(part) == len(old) else select_rows(rollout, part)
+                weight = 1.0 if total is None else algo.loss_normaliser(mb) / total
+                idx = torch.tensor(part, device=old.device)
+                with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
+                    new = algo.logprobs(model, mb, advantages=adv[idx])
+                    L = new.shape[1]  # column t is response step t, so a micro-batch is the first L columns of its rows
+                    loss, stats = algo.loss(new, old[idx, :L], None if ref is None else ref[idx, :L],
+                                            adv[idx, : min(L, adv.shape[1])], mb)
+                    (loss * weight).backward()
+                for k, v in {"loss": loss.item(), **stats}.items():  # mini-batch metrics: the same weighted sum
+                    metrics[k] = metrics.get(k, 0.0) + weight * float(v)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 opt.step()
-            metrics = {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
+            metrics["grad_norm"] = grad_norm.item()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
     out = {k: v / count for k, v in sums.items()}
     out["time/logprobs"] = t1 - t0
@@ -468,7 +706,11 @@ def main(argv=None) -> dict:
     t_start = time.time()
     args, algo_cls, algo_cfg = parse_args(argv)
     check_args(args)
+    if args.init_from:  # the Coconut checkpoint is the latent model: no SFT, GRPO at the last stage (run_sft)
+        args = dataclasses.replace(args, cot_steps=0, sft_steps=0)
     device = pick_device(args.device)
+    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -483,12 +725,21 @@ def main(argv=None) -> dict:
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     else:
         model, tokenizer = build_model(args, args.model)
+        if args.init_from:
+            load_coconut(model, tokenizer, args.init_from)
         state = {"sft_stage": 0, "rl_step": 0}
+    # The algorithm adds its special tokens only when this run trains the latent initialisation, which teaches the
+    # new rows. A run that starts GRPO from a checkpoint (no SFT steps, --init-from, --resume) uses the checkpoint's
+    # tokenizer exactly as it is: a released Latent-SFT model splits </think> into sub-tokens and its end-of-latent id
+    # is the first of them; a new single </think> token would be an untrained end id.
+    trains_init = args.cot_steps > 0 or args.sft_steps > 0
     try:
-        algo = algo_cls(model, tokenizer, algo_cfg, add_tokens=not resuming)
+        algo = algo_cls(model, tokenizer, algo_cfg, add_tokens=trains_init and not resuming)
     except ValueError as e:
         raise UserError(str(e)) from None
     model.to(device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if resuming:
         algo.stage = json.loads((out / "checkpoint" / "algorithm.json").read_text())["stage"]
 
