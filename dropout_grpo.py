@@ -344,6 +344,7 @@ class DropoutGRPO:
 
     Config = Config
     answer_format = "coconut"
+    eval_protocol = "coconut"   # eval.PROTOCOLS: this paper's evaluation (runs, explore)
 
     def __init__(self, model, tokenizer, cfg: Config, add_tokens: bool):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg

@@ -355,14 +355,14 @@ PROTOCOLS = {
     "coconut": {"runs": 1, "explore": False},  # dropout spec 3.11: greedy, no mask
     "latent-grpo": {"runs": 5, "explore": False},  # latent spec 8, low tasks: pass@1 = mean of 5 runs
 }
-ALGORITHM_PROTOCOLS = {"dropout_grpo": "coconut", "latent_grpo": "latent-grpo"}  # others: coconut
 
 
-def resolve_protocol(protocol: str, algo_name: str, runs: int | None = None,
+def resolve_protocol(protocol: str, algo_cls: type, runs: int | None = None,
                      explore: bool | None = None) -> tuple[str, int, bool]:
-    """(protocol, runs, explore): `auto` is the algorithm's protocol; a `runs` / `explore` given explicitly wins."""
+    """(protocol, runs, explore): `auto` is the protocol the algorithm class names (`eval_protocol`, else coconut);
+    a `runs` / `explore` given explicitly wins."""
     if protocol == "auto":
-        protocol = ALGORITHM_PROTOCOLS.get(algo_name, "coconut")
+        protocol = getattr(algo_cls, "eval_protocol", "coconut")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: auto, {', '.join(PROTOCOLS)}")
     preset = PROTOCOLS[protocol]
@@ -498,8 +498,7 @@ def main(argv=None) -> dict:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         sets = load_data_sets(args.data, args.split, args.data_seed, parse_field_map(args.field_map), args.limit)
         algo, model, _ = load_checkpoint(ckpt, device)
-        algo_name = json.loads((ckpt / "algorithm.json").read_text())["algo"]
-        protocol, runs, explore = resolve_protocol(args.protocol, algo_name, args.runs, args.explore)
+        protocol, runs, explore = resolve_protocol(args.protocol, type(algo), args.runs, args.explore)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -371,6 +371,7 @@ class LatentGRPO:
 
     Config = Config
     answer_format = "math"   # last \\boxed{}, else after ####, else the last number
+    eval_protocol = "latent-grpo"   # eval.PROTOCOLS: this paper's evaluation (runs, explore)
     # the loop's defaults this method changes: the surrogate density needs a smaller step than Dropout-GRPO
     train_defaults = {"learning_rate": 3e-5}
     _spare = None   # the last compiled rollout's StaticCache, reused by the next one of its shape (Config.compile)

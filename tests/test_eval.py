@@ -488,26 +488,28 @@ def test_main_names_clashing_stems_by_path(fake_registry, run_dir, tmp_path):
 @pytest.mark.parametrize("protocol, algo, runs, explore, expected", [
     ("auto", "dropout_grpo", None, None, ("coconut", 1, False)),
     ("auto", "latent_grpo", None, None, ("latent-grpo", 5, False)),
-    ("auto", "my_method", None, None, ("coconut", 1, False)),        # no protocol of its own: greedy, one run
+    ("auto", None, None, None, ("coconut", 1, False)),               # no protocol of its own: greedy, one run
     ("coconut", "latent_grpo", None, None, ("coconut", 1, False)),
     ("latent-grpo", "dropout_grpo", None, None, ("latent-grpo", 5, False)),
     ("auto", "latent_grpo", 8, True, ("latent-grpo", 8, True)),       # explicit flags win
     ("coconut", "dropout_grpo", None, True, ("coconut", 1, True)),
 ])
 def test_resolve_protocol(protocol, algo, runs, explore, expected):
-    assert ev.resolve_protocol(protocol, algo, runs, explore) == expected
+    cls = ev.algorithm_class(algo) if algo else type("MyMethod", (), {})
+    assert ev.resolve_protocol(protocol, cls, runs, explore) == expected
 
 
 def test_resolve_protocol_unknown():
     with pytest.raises(ValueError, match="latent-grpo"):
-        ev.resolve_protocol("pal", "latent_grpo")
+        ev.resolve_protocol("pal", ev.algorithm_class("latent_grpo"))
 
 
 @pytest.fixture
 def latent_run(monkeypatch, run_dir, tmp_path):
-    """The fake algorithm registered as latent_grpo, in a checkpoint that says latent_grpo."""
+    """The fake algorithm, naming Latent-GRPO's protocol, in a checkpoint that says latent_grpo."""
     import shutil
 
+    monkeypatch.setattr(CheckpointAlgo, "eval_protocol", "latent-grpo", raising=False)
     monkeypatch.setitem(ev.ALGORITHMS, "latent_grpo", f"{__name__}:CheckpointAlgo")
     ckpt = tmp_path / "checkpoint"
     shutil.copytree(run_dir[0] / "checkpoint", ckpt)
