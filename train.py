@@ -10,7 +10,8 @@ The one training loop both papers share: latent initialisation (SFT), then GRPO.
 
 With no arguments everything is built in code, nothing is downloaded: a byte-level BPE tokenizer trained on the
 synthetic task (data.py), a tiny GPT-2 from a config, and a seeded GSM8K-Aug-style task. `--model` takes any
-Hugging Face causal LM (path or hub name) and `--data` a local JSON / JSONL file of GSM8K-Aug records.
+Hugging Face causal LM (path or hub name), `--data` a named data set (gsm8k, gsm8k-aug, ...) or a local file
+(data.py lists the formats), and `--preset` a paper's own hyper-parameters (PRESETS).
 
 The pipeline:
   1. latent initialisation: stage 0 is CoT SFT; stages 1..S are the algorithm's latent curriculum
