@@ -184,23 +184,39 @@ def latent_step(logits: torch.Tensor, noise: torch.Tensor, top_k: int, top_p: fl
     # L = log_softmax(z) at temperature 1 (the answer temperature is not applied in latent mode)
     logp = logits.log_softmax(-1)                                                      # (N, V)
     noise = torch.as_tensor(noise, dtype=logp.dtype, device=logp.device).expand_as(logp)
-    # Only the head of the law can be picked, so only the head is sorted (exact, and cheap for a peaked law): a token
-    # whose L lies more than the noise spread below the K-th largest L loses to each of the top K (all in M), and
-    # every token more probable than a head token is in the head, so the nucleus mass before it is exact.
-    spread = noise.amax(-1, keepdim=True) - noise.amin(-1, keepdim=True)              # (N, 1)
+    # 3, 4 over the whole vocabulary first: S_v = L_v + G_v; (g_1..g_K, id_1..id_K) = topK(S)
+    g, ids = (logp + noise).topk(top_k, dim=-1)                                        # (N, K)
+    # 1. candidate set M = nucleus(p, top_p) U topK(p): v is in M when the mass of the tokens more probable than v
+    # is < top_p, or fewer than K tokens are. M is an upper set of p, so when the least probable of the K picks is in
+    # M, all of them are, and they are the top K over M too. Most rows pass this one test when the law is flat (the
+    # nucleus is most of the vocabulary, which no sort should have to order); the others take the exact long way.
+    p = logp.exp()
+    above = p > p.gather(-1, ids).amin(-1, keepdim=True)                                # (N, V)
+    in_M = ((p * above).sum(-1) < top_p) | (above.sum(-1) < top_k)                     # (N,)
+    if not bool(in_M.all()):
+        rows = (~in_M).nonzero()[:, 0]
+        g[rows], ids[rows] = _top_k_in_nucleus(logp[rows], noise[rows], top_k, top_p)
+    # 5. w = softmax(g / tau_g)
+    w = (g / gumbel_temperature).softmax(-1)
+    return ids, g, w
+
+
+def _top_k_in_nucleus(logp: torch.Tensor, noise: torch.Tensor, top_k: int, top_p: float):
+    """Spec 3.1 steps 1, 3, 4 by sorting: logp, noise (n, V) -> g, ids (n, K), the top K of S = L + G over M.
+    Only the head of the law can be picked, so only the head is sorted (exact, and cheap for a peaked law): a token
+    whose L lies more than the noise spread below the K-th largest L loses to each of the top K (all in M), and every
+    token more probable than a head token is in the head, so the nucleus mass before it is exact."""
+    spread = noise.amax(-1, keepdim=True) - noise.amin(-1, keepdim=True)              # (n, 1)
     line = logp.topk(top_k, dim=-1).values[:, -1:] - spread
-    head, order = logp.topk(int((logp >= line).sum(-1).max()), dim=-1)                 # (N, m) descending
-    # 1. candidate set M = nucleus(p, top_p) U topK(p): keep a token if the mass strictly before it is < top_p
+    head, order = logp.topk(int((logp >= line).sum(-1).max()), dim=-1)                 # (n, m) descending
+    # 1. keep a token if the mass strictly before it is < top_p, and the K most probable
     p = head.exp()
     in_M = (p.cumsum(-1) - p) < top_p
     in_M[:, :top_k] = True
-    # 3. S_v = L_v + G_v for v in M, -inf elsewhere
+    # 3. S_v = L_v + G_v for v in M, -inf elsewhere; 4. topK(S)
     S = (head + noise.gather(-1, order)).masked_fill(~in_M, -math.inf)
-    # 4. (g_1..g_K, id_1..id_K) = topK(S), g_1 >= ... >= g_K
-    g, j = S.topk(top_k, dim=-1)                                                       # (N, K)
-    # 5. w = softmax(g / tau_g)
-    w = (g / gumbel_temperature).softmax(-1)
-    return order.gather(-1, j), g, w
+    g, j = S.topk(top_k, dim=-1)                                                       # (n, K)
+    return g, order.gather(-1, j)
 
 
 def soft_embedding(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import data
 import latent_grpo as lg
 from latent_grpo import (
-    Config, LatentGRPO, Rollout, first_token_selection, group_advantages, gumbel_noise, latent_logprob, latent_step,
-    sample_token, soft_embedding, token_logprob,
+    Config, LatentGRPO, Rollout, _top_k_in_nucleus, first_token_selection, group_advantages, gumbel_noise,
+    latent_logprob, latent_step, sample_token, soft_embedding, token_logprob,
 )
 
 torch.set_num_threads(1)   # tiny models: extra threads only contend on a shared machine
@@ -175,17 +175,20 @@ def test_one_sided_noise_is_a_shift(seed, s, n):
        tau=st.floats(0.3, 2.0), s=st.sampled_from([0.0, 0.5, 1.0, 2.0]), one_sided=st.booleans(),
        sharpness=st.sampled_from([0.3, 3.0, 10.0]))
 def test_latent_step_matches_loop(seed, N, V, K, top_p, tau, s, one_sided, sharpness):
-    """Spec 3.1 (vectorised, sorting only the head of the law) against a per-row Python loop over the whole
-    vocabulary, for flat to peaked laws; T1 (convex weights); T12 (y = id_1 = argmax w)."""
+    """Spec 3.1 (vectorised: the whole-vocabulary top K when its least probable pick is in M, else sorting only the
+    head of the law) against a per-row Python loop over the whole vocabulary, for flat to peaked laws; the sorting
+    path alone on every row too; T1 (convex weights); T12 (y = id_1 = argmax w)."""
     K = min(K, V)
     gen = torch.Generator().manual_seed(seed)
     z = sharpness * torch.randn(N, V, generator=gen, dtype=torch.float64)
     noise = gumbel_noise((N, V), one_sided, s, gen).double()
     ids, g, w = latent_step(z, noise, K, top_p, tau)
+    sorted_g, sorted_ids = _top_k_in_nucleus(z.log_softmax(-1), noise, K, top_p)
     for r in range(N):
         ref_ids, ref_g, ref_w = ref_latent_step(z[r], noise[r], K, top_p, tau)
-        assert ids[r].tolist() == ref_ids
+        assert ids[r].tolist() == ref_ids and sorted_ids[r].tolist() == ref_ids
         torch.testing.assert_close(g[r], torch.tensor(ref_g, dtype=g.dtype))
+        torch.testing.assert_close(sorted_g[r], torch.tensor(ref_g, dtype=g.dtype))
         torch.testing.assert_close(w[r], torch.tensor(ref_w, dtype=w.dtype))
     assert (w > 0).all() and torch.allclose(w.sum(-1), torch.ones(N, dtype=w.dtype))
     assert (w.argmax(-1) == 0).all()
