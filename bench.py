@@ -19,8 +19,8 @@ headline ratios as top-level keys.
       length; greedy answers must agree token for token (reference_answers_match).
       -> speedup_vs_coconut_reference                                            (target: >= 20)
   3   Compiled against eager, compile (warm-up) seconds apart, from an empty inductor cache: the pure loss functions
-      under torch.compile (dropout_grpo.clipped_loss, LatentGRPO.loss, latent_grpo.latent_logprob), and, where the
-      algorithms' Config has `compile`, the rollout and the update's loss path with compile "true" against "false".
+      under torch.compile (dropout_grpo.clipped_loss, LatentGRPO.loss, latent_grpo.latent_logprob), and the
+      rollout and the update's loss path with the algorithms' `--compile` "true" against "false".
   4   Seconds per RL step through train.py's own functions (train.rollout_batch, train.grpo_step), split into
       rollout / old+ref log-probs / update, against the number of latent steps T and the group size G, with fits.
   5   Peak memory of one RL step (CUDA: torch.cuda.max_memory_allocated; CPU: the profiler's allocation tracking).
@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
-import json
 import math
 import platform
 import random
@@ -50,6 +48,7 @@ import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +57,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import data
 import dropout_grpo
+import eval as evaluation
 import latent_grpo
 import train
 from dropout_grpo import DropoutGRPO
@@ -84,11 +84,6 @@ THOUGHTS = 6           # latent steps at the default size: Coconut's c_thought 2
 # Models, forced lengths, timing
 # ------------------------------------------------------------------------------------------------------------------
 
-def has_compile_field(cls) -> bool:
-    """Whether the algorithm's Config has the `compile` switch ("auto" / "true" / "false")."""
-    return "compile" in {f.name for f in dataclasses.fields(cls.Config)}
-
-
 def make_algo(name: str, size: str, device: torch.device, compile: str | None = None, **cfg):
     """(model, algo) built as train.main builds them: model and tokenizer, the algorithm (which adds its tokens), then
     the device, eval mode. Seeded, so every call gives the same weights."""
@@ -100,7 +95,7 @@ def make_algo(name: str, size: str, device: torch.device, compile: str | None = 
         eos = tokenizer.eos_token_id
         model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos))   # GPT-2's own sizes
     cls = ALGOS[name]
-    if compile is not None and has_compile_field(cls):
+    if compile is not None:
         cfg["compile"] = compile
     algo = cls(model, tokenizer, cls.Config(**cfg), add_tokens=True)
     model.to(device).eval()
@@ -134,15 +129,7 @@ def sync(device: torch.device):
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
     """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed_in_turns({"fn": fn}, repeats, device, warmup)["fn"]
 
 
 def timed_in_turns(fns: dict, repeats: int, device: torch.device, warmup: int = 3) -> dict:
@@ -448,11 +435,8 @@ def bench_compile(p: dict, answer_tokens: int, repeats: int, device: torch.devic
         rows.append(compare_compiled("latent_grpo_latent_logprob", "latent_grpo.latent_logprob",
                                      latent_grpo.latent_logprob,
                                      lambda f: fwd_bwd(lambda x: f(x, ids, scores, A), z), repeats, device))
-    # (b) the algorithms' own switch, when their Config has it: rollout and the update's loss path, both settings
+    # (b) the algorithms' own switch (Config.compile): rollout and the update's loss path, both settings
     for name in ALGOS:
-        if not has_compile_field(ALGOS[name]):
-            notes.append(f"{name}: its Config has no `compile` field, so the rollout is not compiled here")
-            continue
         if quick:
             notes.append(f"{name}: --quick skips compiling the rollout")
             continue
@@ -700,14 +684,13 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "quick": args.quick, "answer_tokens": A,
               # the algorithms' own torch.compile switch, at its default ("auto": on for CUDA) in items 1, 2, 4, 5
-              "algorithm_compile": {n: c.Config().compile if has_compile_field(c) else None for n, c in ALGOS.items()},
+              "algorithm_compile": {n: c.Config().compile for n, c in ALGOS.items()},
               "items": {}}
     print(f"{result['date']}  device {device} ({result['machine']})  torch {torch.__version__}  "
           f"transformers {transformers.__version__}")
 
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    def save():   # atomic: a reader (or a run stopped mid-way) never sees half a file
+        evaluation.write_json_atomic(Path(args.out), result)
 
     def reps(size):   # repeats, capped for the slow size
         cap = params[size]["max_repeats"]
