@@ -106,9 +106,14 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
+    # Both algorithms' sequences: Coconut's `question steps ### answer` and Latent-GRPO's instruction-led prompt with a
+    # boxed answer. The constant instruction then costs a few positions instead of 60 byte-level ones.
     corpus = [
         f"{r['question']}\n" + "".join(s + "\n" for s in r["steps"]) + f"### {r['answer']}"
-        for r in synthetic_task(4000, seed=1234)
+        if i % 2 else
+        f"{LATENT_GRPO_INSTRUCTION}\n{r['question']}" + "".join(s + "\n" for s in r["steps"])
+        + f"The answer is \\boxed{{{r['answer']}}}"
+        for i, r in enumerate(synthetic_task(4000, seed=1234))
     ]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -474,6 +474,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def environment(device=None) -> dict:
+    """What produced a number: library versions, the device, and the CPU kernels torch dispatches to. The last matters
+    on CPU: the same wheel takes AVX2 or AVX-512 code paths (and MKL its own) by the processor it finds, and their
+    float sums differ in the last bits, so one run's numbers are exact only on the same versions, kernels and threads."""
+    import platform
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+           **{name: version(name) for name in ("torch", "transformers", "tokenizers", "datasets")},
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+           "device": str(device) if device is not None else None}
+    if device is not None and torch.device(device).type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -510,7 +533,8 @@ def main(argv=None) -> dict:
     }
     report = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
               "answer_format": algo.answer_format, "protocol": protocol, "runs": runs, "explore": explore,
-              "seed": args.seed, "split": args.split, "limit": args.limit, "results": results}
+              "seed": args.seed, "split": args.split, "limit": args.limit, "environment": environment(device),
+              "results": results}
 
     print(f"{ckpt}: {report['algorithm']} stage {algo.stage}, {algo.answer_format} scoring; protocol {protocol}: "
           f"{runs} run{'s' * (runs > 1)}, explore {str(explore).lower()}")

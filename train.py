@@ -37,8 +37,10 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
+import math
 import random
 import shutil
 import sys
@@ -121,6 +123,10 @@ class Args:
     """SFT examples per optimiser step."""
     sft_lr: float = 2e-3
     """SFT learning rate (AdamW, weight decay 0.01, reset at every stage as in Coconut); 1e-4 for pretrained models."""
+    sft_schedule: str = "constant"
+    """SFT learning-rate schedule within each stage, after a linear warmup of min(100, steps / 10) steps: constant |
+    cosine (decay to 0 at the stage's last step). On the embedded default cosine stalls the CoT stage before its
+    loss drops through ~0.17, where accuracy jumps (README, "What reproduces")."""
     # --- GRPO ---
     max_steps: int = 150
     """GRPO steps (each: one rollout batch, then the update)."""
@@ -292,6 +298,8 @@ def check_args(args: Args) -> None:
         raise UserError(f"--num-generations must be >= 2 (a group needs two rollouts to compare), got {args.num_generations}")
     if args.num_prompts % args.num_mini_batches:
         raise UserError(f"--num-prompts ({args.num_prompts}) must be divisible by --num-mini-batches ({args.num_mini_batches})")
+    if args.sft_schedule not in ("cosine", "constant"):
+        raise UserError(f"--sft-schedule must be cosine or constant, got {args.sft_schedule!r}")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.init_from and args.algo != "dropout_grpo":
@@ -525,6 +533,23 @@ def evaluate(algo, model, records, args: Args, name: str) -> dict:
     return result
 
 
+def add_seconds(state: dict, name: str, seconds: float) -> None:
+    """Wall time per stage, state["seconds"][name]: kept in checkpoints, so a resumed run adds up."""
+    times = state.setdefault("seconds", {})
+    times[name] = round(times.get(name, 0.0) + seconds, 1)
+
+
+def sft_lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The SFT learning rate at optimiser step `step` of a stage of `steps`, as a fraction of --sft-lr: a linear warmup,
+    then constant or a cosine decay that reaches 0 after the last step."""
+    warmup = max(1, min(100, steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step + 1 - warmup) / (steps + 1 - warmup)))
+
+
 def run_sft(args, algo, model, train, test, logger, state, save):
     """Latent initialisation: stage 0 (CoT), then the algorithm's latent curriculum, each with a fresh AdamW."""
     rng = random.Random(args.seed)
@@ -534,10 +559,10 @@ def run_sft(args, algo, model, train, test, logger, state, save):
         state["sft_stage"] = stage + 1
         if steps == 0:  # e.g. GRPO straight from a trained initialisation (--model RUN/init)
             continue
+        t0 = time.perf_counter()
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.sft_lr, weight_decay=0.01)
-        warmup = max(1, min(100, steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule))
         bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
         for step in bar:
             batch = algo.sft_batch(rng.sample(train, args.sft_batch_size), stage)
@@ -554,6 +579,7 @@ def run_sft(args, algo, model, train, test, logger, state, save):
         model.eval()
         if stage == 0:
             state["cot_accuracy"] = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")["accuracy"]
+        add_seconds(state, f"sft_stage_{stage}", time.perf_counter() - t0)
         save(state)
 
 
@@ -693,9 +719,12 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
                 **grpo_step(args, algo, model, ref_model, opt, rollout, rewards),
             })
         metrics["time/step"] = time.perf_counter() - t0
+        add_seconds(state, "grpo", metrics["time/step"])
         state["rl_step"] = step + 1
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            t1 = time.perf_counter()
             metrics["eval/accuracy"] = evaluate(algo, model, test, args, f"grpo step {step + 1}")["accuracy"]
+            add_seconds(state, "grpo_evals", time.perf_counter() - t1)
         logger.log({"phase": "rl", "step": step + 1, **metrics})
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
@@ -747,7 +776,7 @@ def main(argv=None) -> dict:
     # Everything the user asked for is valid: only now is anything written.
     out.mkdir(parents=True, exist_ok=True)
     config = {"args": dataclasses.asdict(args), "algo_config": dataclasses.asdict(algo_cfg),
-              "device": str(device), "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
+              "environment": evaluation.environment(device), "argv": sys.argv[1:] if argv is None else list(argv)}
     evaluation.write_json_atomic(out / "config.json", config)
     logger = Logger(out / "metrics.jsonl")
     save = lambda s: save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s)
@@ -756,14 +785,18 @@ def main(argv=None) -> dict:
 
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
+        t0 = time.perf_counter()
         init = evaluate(algo, model, test, args, "latent initialisation")
+        add_seconds(state, "init_eval", time.perf_counter() - t0)
         state.update(init_accuracy=init["accuracy"], init_latent_steps=init["mean_latent_steps"], init_length=init["mean_length"])
         save(state)
         # a copy of the latent initialisation, so that GRPO variants can start from the very same weights:
         #   python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
         save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, state, where="init")
     run_rl(args, algo, model, train, test, out, logger, state, save)
+    t0 = time.perf_counter()
     final = evaluate(algo, model, test, args, "after GRPO")
+    add_seconds(state, "final_eval", time.perf_counter() - t0)
 
     summary = {
         "algo": args.algo,
@@ -776,11 +809,16 @@ def main(argv=None) -> dict:
         "mean_length": final["mean_length"],
         "steps": state["rl_step"],
         "wall_seconds": round(time.time() - t_start, 1),
+        "seconds": state.get("seconds", {}),   # per stage: SFT stages (stage 0 with its evaluation), evaluations, GRPO
         "eval_size": len(test),
+        "environment": config["environment"],
     }
     evaluation.write_json_atomic(out / "summary.json", summary)
     width = max(map(len, summary))
-    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in summary.items()))
+    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in summary.items()
+                    if k != "environment"))
+    print(f"{'environment':<{width}}  " + ", ".join(f"{k} {v}" for k, v in summary["environment"].items() if v is not None
+                                                      and k not in ("platform", "processor")))
     return summary
 
 
