@@ -62,8 +62,12 @@ class Config:
     mask_mode: str = "shared"
     """shared: one mask for the whole rollout (the paper) | per_step: a fresh mask for the prefill, each thought
     and the answer pass (ablation, §3.12)."""
+    method: str = "coconut"
+    """Coconut's training rows (its run.py flags): coconut (the latent curriculum) | cot (stage 0 only: the chain of
+    thought, no markers) | no_cot (the answer alone: no steps, no thoughts, no markers)."""
     c_thought: int = 2
-    """Continuous thoughts per replaced reasoning step (Coconut's c, §2.1); 0 = the "w/o thought" curriculum."""
+    """Continuous thoughts per replaced reasoning step (Coconut's c, §2.1); 0 = Coconut's "w/o thought" (its
+    `no_thoughts`: the curriculum drops steps, no thought replaces them, and no <bot> <eot> markers)."""
     max_latent_stage: int = 3
     """Reasoning steps replaced by thoughts at the last latent stage (Coconut's S_max, §2.4)."""
     temperature: float = 1.0
@@ -86,7 +90,7 @@ class Config:
     is on CUDA) | true | false. The first calls compile (seconds to a minute); on CPU it rarely pays for itself."""
 
     def __post_init__(self):
-        choices = {"mask_sites": ("native", "latent_vec", "mlp_hidden"), "mask_scope": ("rollout", "latent_only"),
+        choices = {"method": ("coconut", "cot", "no_cot"), "mask_sites": ("native", "latent_vec", "mlp_hidden"), "mask_scope": ("rollout", "latent_only"),
                    "mask_mode": ("shared", "per_step"), "adv_mode": ("mean", "loo", "std"),
                    "norm": ("const", "tokens"), "compile": ("auto", "true", "false")}
         for name, allowed in choices.items():
@@ -334,6 +338,22 @@ def _static_cache(cache: DynamicCache, rows: Tensor | None, attn: Tensor, budget
     return static, F.pad(attn, (0, length - attn.shape[1]), value=1)
 
 
+def _remove_hooks(model: nn.Module) -> None:
+    """Remove every mask hook a DropoutGRPO installed on `model` (they carry the `dropout_grpo_site` tag)."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "dropout_grpo_site", False)]:
+                del hooks[key]
+
+
+def _require_eval(model: nn.Module) -> None:
+    """Rollouts and replay need model.eval(): native dropout draws a fresh mask per position and per call, which
+    the stored seed cannot replay (§3.8); the noise must come from the seeded masks alone."""
+    if model.training:
+        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before a rollout or "
+                         f"log-probs (native dropout would break the replay)")
+
+
 def _next_attn(attn: Tensor, cache) -> Tensor:
     """The attention mask for one more position: a DynamicCache grows by a column, a StaticCache's mask is full."""
     return attn if isinstance(cache, StaticCache) else F.pad(attn, (0, 1), value=1)
@@ -348,7 +368,10 @@ class DropoutGRPO:
 
     def __init__(self, model, tokenizer, cfg: Config, add_tokens: bool):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.num_stages = cfg.max_latent_stage + 1   # stages 1..S_max replace steps; stage S_max+1 drops them all
+        # stages 1..S_max replace steps; stage S_max+1 drops them all. cot / no_cot train stage 0 only
+        self.num_stages = cfg.max_latent_stage + 1 if cfg.method == "coconut" else 0
+        # Coconut's no_special_marker: no <bot> <eot> around zero thoughts (w/o thought, cot, no_cot)
+        self.markers = cfg.method == "coconut" and cfg.c_thought > 0
         self.stage = 0
         self.bot_id, self.eot_id, self.latent_id = self._special_tokens(model, tokenizer, add_tokens)
         self.eos_id = tokenizer.eos_token_id
@@ -389,7 +412,11 @@ class DropoutGRPO:
     def _install_hooks(self, model):
         """Hooks at every site. They read `self._active` and are the identity while it is None: SFT (native dropout,
         train mode) and evaluation run the original model. Hooks are closures, which deepcopy shares, so a reference
-        model made by copy.deepcopy(model) is masked by the same mask; a model without them gets them lazily."""
+        model made by copy.deepcopy(model) is masked by the same mask; a model without them gets them lazily.
+        A model carries one DropoutGRPO's hooks at a time: any earlier set (another instance's, or this one's own)
+        is removed first, so two instances on one model never apply a mask twice."""
+        _remove_hooks(model)
+
         def masked(i, x):                                       # x (B, L, d_i) * mask (B, 1, d_i)
             return x * self._active[i][:, None, :]
 
@@ -401,10 +428,12 @@ class DropoutGRPO:
                     if args:
                         return (masked(i, args[0]), *args[1:]), kwargs
                     return args, {**kwargs, "hidden_states": masked(i, kwargs["hidden_states"])}
+                pre_hook.dropout_grpo_site = True
                 module.register_forward_pre_hook(pre_hook, with_kwargs=True)
             else:
                 def hook(mod, args, out, i=i):
                     return None if self._active is None else masked(i, out)
+                hook.dropout_grpo_site = True
                 module.register_forward_hook(hook)
         model._dropout_grpo_owner = self._id
 
@@ -504,12 +533,21 @@ class DropoutGRPO:
     # ---- §2.1, §2.4 the Coconut curriculum (latent initialisation) -------------------------------------------------
 
     def num_thoughts(self, stage: int) -> int:
-        # §2.1: n = c · min(s, S_max)
-        return self.cfg.c_thought * min(stage, self.cfg.max_latent_stage)
+        # §2.1: n = c · min(s, S_max)   (cot, no_cot: none)
+        return self.cfg.c_thought * min(stage, self.cfg.max_latent_stage) if self.cfg.method == "coconut" else 0
 
     def _prompt(self, question: str) -> Tensor:
-        # §2.1: question + "\n", then <bot>; the question piece gets the tokenizer's BOS where it has one
-        return torch.tensor(self.tokenizer.encode(question + "\n") + [self.bot_id])
+        # §2.1: question + "\n", then <bot> (no marker: question + "\n" alone); the question piece gets the
+        # tokenizer's BOS where it has one
+        return torch.tensor(self.tokenizer.encode(question + "\n") + [self.bot_id] * self.markers)
+
+    def _opening(self, prompts: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """(prefilled prompts, (N,) first answer-pass input). With markers the whole prompt is prefilled and the
+        answer pass opens with <eot>; without them the prompt's last token ("\n") opens it, so the answer's first
+        logits are the ones after the question, as in a plain LM."""
+        if self.markers:
+            return prompts, torch.full((len(prompts),), self.eot_id)
+        return [p[:-1] for p in prompts], torch.stack([p[-1] for p in prompts])
 
     def sft_batch(self, examples: list[dict], stage: int) -> dict[str, Tensor]:
         """Coconut's stage-`stage` sequences (§2.1), aligned on <bot> as Coconut's collator does:
@@ -518,16 +556,19 @@ class DropoutGRPO:
 
         Stage s <= S_max replaces the first s steps with n = c·s thoughts; every later stage drops all steps and
         keeps c·S_max; stage 0 is CoT between the markers. Labels are -100 on padding, question, markers and latents.
+        Without markers (c = 0, cot, no_cot) a row is [pad] question "\\n" step_{k+1} "\\n" ... "### " answer EOS
+        [pad]; no_cot drops every step. thought_columns: (prefilled columns P, thoughts n).
         """
         def encode(text):
             return self.tokenizer.encode(text, add_special_tokens=False)
 
         n = self.num_thoughts(stage)
-        prompts, rests = [], []
-        for ex in examples:
-            kept = ex["steps"][stage:] if stage <= self.cfg.max_latent_stage else []
-            prompts.append(self._prompt(ex["question"]))
-            rests.append(torch.tensor([self.eot_id] + [t for s in kept for t in encode(s + "\n")]
+        rests = []
+        no_steps = stage > self.cfg.max_latent_stage or self.cfg.method == "no_cot"
+        prompts, openers = self._opening([self._prompt(ex["question"]) for ex in examples])
+        for ex, opener in zip(examples, openers.tolist()):
+            kept = [] if no_steps else ex["steps"][stage:]
+            rests.append(torch.tensor([opener] + [t for s in kept for t in encode(s + "\n")]
                                       + encode("### " + ex["answer"]) + [self.eos_id]))
         ids, attn = _left_pad(prompts, self.pad_id)
         rest, valid = _right_pad(rests, self.pad_id)
@@ -536,14 +577,14 @@ class DropoutGRPO:
         attn = torch.cat([attn, torch.ones(B, n, dtype=torch.long), valid.long()], 1)
         labels = torch.where(attn.bool(), ids, -100)
         labels[:, :ids.shape[1] - rest.shape[1] + 1] = -100                     # question, <bot>, latents, <eot>
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels,
+                "thought_columns": torch.tensor([ids.shape[1] - rest.shape[1] - n, n])}
 
     def sft_loss(self, model, batch: dict[str, Tensor]) -> Tensor:
         """Coconut's training loss (§2.2): shifted cross-entropy on the labels, with every latent position filled by
         the recurrence. Incremental rather than Coconut's multi-pass forward: the same maths (tested)."""
         ids, attn, labels = (batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels"))
-        P = int((ids[0] == self.bot_id).nonzero()[0]) + 1                        # prompt columns, <bot> included
-        n = int((ids[0] == self.latent_id).sum())
+        P, n = batch["thought_columns"].tolist()                                 # prompt columns (<bot> included)
         cache, prefix_attn, pos, _ = self._think(model, ids[:, :P], attn[:, :P], n, None)
         logits = self._teacher_forced(model, cache, prefix_attn, pos, ids[:, P + n:], attn[:, P + n:].bool(), None)
         # the logits at <eot> and after predict the next label; earlier targets are all -100
@@ -564,6 +605,7 @@ class DropoutGRPO:
         return self._generate(model, questions, 1, explore, not explore, generator)
 
     def _generate(self, model, questions, G: int, explore: bool, greedy: bool, generator) -> Rollout:
+        _require_eval(model)
         T = self.num_thoughts(self.stage)
         prompts = [p for q in questions for p in [self._prompt(q)] * G]           # group-major rows
         N = len(prompts)
@@ -573,19 +615,20 @@ class DropoutGRPO:
         masks = self._masks(seeds, T, model)
         # compiled: a static cache with a slot for each thought, <eot> and every answer token but the last
         budget = T + self.cfg.max_new_tokens if self._compiling(model.device) else 0
-        cache, attn, pos, h = self._latent_phase(model, prompts, T, masks, budget)
-        answers, logps, truncated = self._decode(model, cache, attn, pos, self._answer_masks(masks, T), greedy,
-                                                 generator)
+        prefixes, openers = self._opening(prompts)
+        cache, attn, pos, h = self._latent_phase(model, prefixes, T, masks, budget)
+        answers, logps, truncated = self._decode(model, cache, attn, pos, openers, self._answer_masks(masks, T),
+                                                 greedy, generator)
         return Rollout(
             texts=self.tokenizer.batch_decode(answers, skip_special_tokens=True),
             num_latent=torch.full((N,), T), lengths=T + torch.tensor([len(a) for a in answers]),
             truncated=truncated, prompt_ids=prompts, answer_ids=answers, mask_seed=seeds,
             group_size=torch.full((N,), G), sampler_logprobs=logps, last_hidden=h.float().cpu())
 
-    def _decode(self, model, cache, attn, pos, masks, greedy: bool, generator):
-        """Feed <eot>, then sample answer tokens one cached step at a time (§3.4). Finished rows keep stepping (their
-        tokens are cut at the first EOS afterwards) so the batch stays rectangular."""
-        tok = torch.full((attn.shape[0],), self.eot_id, device=model.device)
+    def _decode(self, model, cache, attn, pos, openers: Tensor, masks, greedy: bool, generator):
+        """Feed the opener (<eot>), then sample answer tokens one cached step at a time (§3.4). Finished rows keep
+        stepping (their tokens are cut at the first EOS afterwards) so the batch stays rectangular."""
+        tok = openers.to(model.device)
         done = torch.zeros_like(tok, dtype=torch.bool)
         tokens, logps = [], []
         for _ in range(self.cfg.max_new_tokens):
@@ -614,14 +657,16 @@ class DropoutGRPO:
         the prompt (§3.9). Float32, or the model's dtype when that is wider. With ref_masked=False a model other than
         the policy (the reference) is evaluated without a mask.
         """
+        _require_eval(model)
         T = int(rollout.num_latent[0])
         if not bool((rollout.num_latent == T).all()):
             raise ValueError("a rollout batch must have one number of thoughts (one curriculum stage)")
         use_mask = self.cfg.ref_masked or model is self.model
         masks = self._masks(rollout.mask_seed, T, model) if use_mask else None
-        cache, attn, pos, _ = self._latent_phase(model, rollout.prompt_ids, T, masks)
+        prefixes, openers = self._opening(rollout.prompt_ids)
+        cache, attn, pos, _ = self._latent_phase(model, prefixes, T, masks)
         y, valid = _right_pad(rollout.answer_ids, self.pad_id)                                      # (N, L)
-        inputs = torch.cat([torch.full((len(y), 1), self.eot_id), y[:, :-1]], 1)               # <eot>, y_<L
+        inputs = torch.cat([openers[:, None], y[:, :-1]], 1)                                   # <eot>, y_<L
         logits = self._teacher_forced(model, cache, attn, pos, inputs, valid, self._answer_masks(masks, T))
         y, valid = y.to(model.device), valid.to(model.device)
         # §3.3: ℓ_j = log softmax(W_U g_j / τ)[y_j]

@@ -286,23 +286,32 @@ def test_p5_recurrence_equals_cache_free_and_coconut_multipass(arch, T):
 
 # ---- SFT curriculum ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("c_thought", [0, 2])
-def test_sft_stage_layout_and_labels(c_thought):
+@pytest.mark.parametrize("method, c_thought", [("coconut", 0), ("coconut", 2), ("cot", 2), ("no_cot", 2)])
+def test_sft_stage_layout_and_labels(method, c_thought):
     model = tiny()
-    algo = DropoutGRPO(model, tokenizer(), Config(c_thought=c_thought, max_latent_stage=2), add_tokens=False)
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_latent_stage=2),
+                       add_tokens=False)
     tok = tokenizer()
     examples = data.synthetic_task(3, seed=5)
-    assert algo.num_stages == 3
+    # Coconut's run.py: cot and no_cot train stage 0 only; c = 0 ("w/o thought"), cot and no_cot have no markers
+    assert algo.num_stages == (3 if method == "coconut" else 0)
+    markers = method == "coconut" and c_thought > 0
     for stage in range(algo.num_stages + 2):
         batch = algo.sft_batch(examples, stage)
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        bot_cols = (ids == algo.bot_id).nonzero()[:, 1]
-        assert (bot_cols == bot_cols[0]).all()                    # aligned on <bot>, as Coconut's collator does
+        if markers:
+            bot_cols = (ids == algo.bot_id).nonzero()[:, 1]
+            assert len(bot_cols) == 3 and (bot_cols == bot_cols[0]).all()   # aligned on <bot> (Coconut's collator)
+        else:
+            assert not torch.isin(ids, torch.tensor([algo.bot_id, algo.eot_id, algo.latent_id])).any()
         for i, ex in enumerate(examples):
             # the spec's text (§2.1): stage s <= S_max drops s steps and adds c*s thoughts; later stages drop
-            # every step and keep c*S_max thoughts
+            # every step and keep c*S_max thoughts; no_cot drops every step, cot keeps them all (stage 0)
             n, kept = (c_thought * stage, ex["steps"][stage:]) if stage <= 2 else (c_thought * 2, [])
-            q = tok.encode(ex["question"] + "\n") + [algo.bot_id] + [algo.latent_id] * n + [algo.eot_id]
+            if method != "coconut":
+                n, kept = 0, ([] if method == "no_cot" else ex["steps"][stage:])
+            q = tok.encode(ex["question"] + "\n")
+            q = q + [algo.bot_id] + [algo.latent_id] * n + [algo.eot_id] if markers else q
             rest = ([t for s in kept for t in tok.encode(s + "\n")] + tok.encode("### " + ex["answer"])
                     + [tok.eos_token_id])
             row = attn[i].bool()
@@ -311,9 +320,11 @@ def test_sft_stage_layout_and_labels(c_thought):
             assert (labels[i][~row] == -100).all() and row.long().diff().abs().sum() <= 2   # pads only at the ends
 
 
-def test_sft_loss_equals_coconut_multipass_cross_entropy():
+@pytest.mark.parametrize("method, c_thought", [("coconut", 2), ("coconut", 0), ("no_cot", 2)])
+def test_sft_loss_equals_coconut_multipass_cross_entropy(method, c_thought):
     model = tiny()
-    algo = DropoutGRPO(model, tokenizer(), Config(c_thought=2, max_latent_stage=2), add_tokens=False)
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_latent_stage=2),
+                       add_tokens=False)
     examples = data.synthetic_task(3, seed=1)
     for stage in (0, 1, 3):
         batch = algo.sft_batch(examples, stage)
@@ -324,6 +335,25 @@ def test_sft_loss_equals_coconut_multipass_cross_entropy():
         assert abs(loss.item() - ref.item()) < 1e-9
     loss.backward()                              # and it trains the thoughts: gradient through the recurrence
     assert model.transformer.ln_f.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method, c_thought", [("coconut", 0), ("cot", 2), ("no_cot", 2)])
+def test_no_marker_generation_is_the_plain_language_model(method, c_thought):
+    """Without markers (Coconut's no_special_marker) the greedy answer is the plain LM's greedy continuation of
+    question + "\\n", and replay gives the sampler's log-probs."""
+    model = tiny()
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_new_tokens=5, p=0.2),
+                       add_tokens=False)
+    algo.stage = algo.num_stages
+    ro = algo.generate(model, QUESTIONS, explore=False, generator=gen())
+    for q, answer in zip(QUESTIONS, ro.answer_ids):
+        ids = tokenizer().encode(q + "\n")
+        while len(ids) < len(tokenizer().encode(q + "\n")) + 5 and (len(ids) == 0 or ids[-1] != algo.eos_id):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert answer.tolist() == ids[len(tokenizer().encode(q + "\n")):]
+    assert (ro.num_latent == 0).all()
+    ro = algo.rollout(model, QUESTIONS[:2], 3, gen(1))
+    assert torch.allclose(algo.logprobs(model, ro), padded(ro.sampler_logprobs), atol=1e-9, rtol=0)
 
 
 # ---- P2: collapse at p = 0 --------------------------------------------------------------------------------------
