@@ -604,6 +604,13 @@ class DropoutGRPO:
         explore=True: the rollout policy, one mask per row and sampled answers (for pass@k)."""
         return self._generate(model, questions, 1, explore, not explore, generator)
 
+    @torch.no_grad()
+    def generate_masked(self, model, questions: list[str], num_masks: int, generator: torch.Generator) -> Rollout:
+        """MC dropout (§3.11): each question answered greedily under `num_masks` masks, rows group-major. Their mean
+        reward is the BMA policy's, which the shared mask makes GRPO climb (§4.5); the no-mask `generate` is
+        Coconut's weight-scaling approximation of it."""
+        return self._generate(model, questions, num_masks, True, True, generator)
+
     def _generate(self, model, questions, G: int, explore: bool, greedy: bool, generator) -> Rollout:
         _require_eval(model)
         T = self.num_thoughts(self.stage)
@@ -685,8 +692,12 @@ class DropoutGRPO:
         lengths = torch.tensor([len(a) for a in rollout.answer_ids], device=logprobs.device)
         mask = torch.arange(logprobs.shape[1], device=logprobs.device) < lengths[:, None]          # (N, L)
         denom = len(lengths) * self.cfg.max_new_tokens if self.cfg.norm == "const" else mask.sum().clamp(min=1)
-        return clipped_loss(logprobs, old_logprobs, ref_logprobs, advantages.to(logprobs.device), mask,
-                            self.cfg.epsilon, self.cfg.beta, denom, self._compiling(logprobs.device))
+        loss, stats = clipped_loss(logprobs, old_logprobs, ref_logprobs, advantages.to(logprobs.device), mask,
+                                   self.cfg.epsilon, self.cfg.beta, denom, self._compiling(logprobs.device))
+        # §3.10 log: mean |A| over the rows (train.py weights micro-batches by their share of the normaliser: rows
+        # under norm=const, so the logged value is the mini-batch's; the fraction of non-degenerate groups is
+        # train.py's 1 - frac_reward_zero_std)
+        return loss, {**stats, "adv/abs_mean": advantages.abs().mean().item()}
 
     def loss_normaliser(self, rollout: Rollout) -> float:
         """What `loss` divides by (§3.7): rows · max_new_tokens (const), or the answer tokens (tokens). train.py weights
@@ -694,6 +705,40 @@ class DropoutGRPO:
         if self.cfg.norm == "const":
             return float(len(rollout.answer_ids) * self.cfg.max_new_tokens)
         return float(max(1, sum(len(a) for a in rollout.answer_ids)))
+
+    def gradient_variance(self, model, records: list[dict], reward_fn, num_generations: int, repeats: int,
+                          generator: torch.Generator) -> dict[str, float]:
+        """The spread of the policy-gradient estimate at fixed weights (§4.6, for the "variance reduction" claim):
+        `repeats` independent rollout batches of `records` (dicts with question and answer), G = num_generations
+        each, one gradient g_r of the loss at θ_old per batch (§4.5: −(1/N) Σ_k A_k ∇log π(y_k | x, m_k)).
+
+        grad_var = tr Cov[g] = (1/(R−1)) Σ_r ||g_r − ḡ||² (unbiased), grad_mean_sq_norm = ||ḡ||², and per batch on
+        average: frac_nondegenerate (groups whose rewards differ) and adv_abs_mean (mean |A|). Compare mask modes
+        (shared vs per_step) at equal p by calling it with each Config. Running sums: memory 2x the parameters."""
+        if repeats < 2:
+            raise ValueError(f"gradient_variance needs repeats >= 2, got {repeats}")
+        params = [x for x in model.parameters() if x.requires_grad]
+        total, sq_norms, nondegenerate, abs_adv = None, 0.0, 0.0, 0.0
+        questions = [r["question"] for r in records]
+        for _ in range(repeats):
+            ro = self.rollout(model, questions, num_generations, generator)
+            rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in
+                                    zip((r for r in records for _ in range(num_generations)), ro.texts)])
+            rewards = rewards.view(len(records), num_generations)
+            adv = self.advantages(rewards, ro, None)
+            lp = self.logprobs(model, ro)
+            loss, _ = self.loss(lp, lp.detach(), None, adv, ro)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            g = torch.cat([(torch.zeros_like(x) if d is None else d).flatten().double() for x, d in zip(params, grads)])
+            total = g if total is None else total + g
+            sq_norms += g.square().sum().item()
+            nondegenerate += (rewards.std(1) > 0).double().mean().item() if num_generations > 1 else 0.0
+            abs_adv += adv.abs().mean().item()
+        mean = total / repeats
+        # Σ_r ||g_r − ḡ||² = Σ_r ||g_r||² − R ||ḡ||²
+        var = (sq_norms - repeats * mean.square().sum().item()) / (repeats - 1)
+        return {"grad_var": var, "grad_mean_sq_norm": mean.square().sum().item(),
+                "frac_nondegenerate": nondegenerate / repeats, "adv_abs_mean": abs_adv / repeats}
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
         """dropout/distinct_answers_per_group: how many different answers a group explores (1 = collapsed);

@@ -847,6 +847,34 @@ def test_p11c_shared_mask_spreads_coherently():
     assert abs(spread["shared"] / spread["per_step"] / T - 1) < 0.1
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_variance_matches_a_plain_loop(mode):
+    """gradient_variance against stacked REINFORCE gradients −(1/N) Σ_k A_k ∇ Σ_j log π (P7b) of the same rollout
+    batches (the same generator seed), their unbiased trace covariance and squared mean norm."""
+    model, algo = make(thoughts=2, p=0.3, mask_mode=mode, max_new_tokens=3)
+    records = [{"question": q, "answer": a} for q, a in zip(QUESTIONS[:2], ["3", "16"])]
+    def reward(text, gold):
+        return float(len(text) % 2)                                        # any reward that varies
+    got = algo.gradient_variance(model, records, reward, 4, 3, gen(10))
+    params = list(model.parameters())
+    g, generator, frac, abs_adv = [], gen(10), [], []
+    for _ in range(3):
+        ro = algo.rollout(model, QUESTIONS[:2], 4, generator)
+        r = torch.tensor([reward(t, "") for t in ro.texts], dtype=torch.float64).view(2, 4)
+        adv = r - r.mean(1, keepdim=True)
+        lp = algo.logprobs(model, ro)
+        grads = torch.autograd.grad(-(adv.reshape(-1) * lp.sum(1)).sum() / (8 * 3), params, allow_unused=True)
+        g.append(torch.cat([(torch.zeros_like(x) if d is None else d).flatten() for x, d in zip(params, grads)]))
+        frac.append((r.std(1) > 0).double().mean().item())
+        abs_adv.append(adv.abs().mean().item())
+    g = torch.stack(g)                                                     # (R, parameters)
+    assert got["grad_var"] == pytest.approx(g.var(0).sum().item(), rel=1e-8)
+    assert got["grad_mean_sq_norm"] == pytest.approx(g.mean(0).square().sum().item(), rel=1e-8)
+    assert got["frac_nondegenerate"] == pytest.approx(sum(frac) / 3)
+    assert got["adv_abs_mean"] == pytest.approx(sum(abs_adv) / 3)
+    assert got["grad_var"] > 0
+
+
 def test_metrics_on_a_hand_built_rollout():
     model, algo = make(thoughts=2)
     ro = hand_rollout(algo, [torch.tensor([1])] * 5, [torch.tensor([2])] * 5, [-1] * 5, 2)
