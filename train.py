@@ -27,8 +27,9 @@ checkpoints.
 
 Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), summary.json, checkpoint/
 (loadable by AutoModelForCausalLM / AutoTokenizer.from_pretrained, plus algorithm.json and trainer_state.pt so
-`--resume` continues where the run stopped), and init/, the latent initialisation, for GRPO variants from the same
-start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`.
+`--resume` continues where the run stopped), init/, the latent initialisation, for GRPO variants from the same
+start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`, and best/, the checkpoint with the best
+validation accuracy (--validation).
 """
 from __future__ import annotations
 
