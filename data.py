@@ -9,12 +9,12 @@ Every data set is normalised to GSM8K-Aug's record format (Coconut's `preprocess
 number stored as 8.0 becomes "8".
 
 `load_records(data, split)` is the one entry point. `data` is one of:
-- `synthetic`: the embedded task below (splits train / test), no download;
+- `synthetic`: the embedded task below (splits train / test / validation), no download;
 - a named set, read from the Hugging Face hub (or the local `datasets` cache) by `datasets`:
 
       name        hub id                        our split -> hub split
       gsm8k       openai/gsm8k (config main)    train, test          steps: the rationale lines before "####"
-      gsm8k-aug   whynlp/gsm8k-aug              train, valid -> validation, test   (internalize-CoT's GSM8K-Aug)
+      gsm8k-aug   whynlp/gsm8k-aug              train, valid / validation -> validation, test   (internalize-CoT's)
       svamp       ChilleD/SVAMP                 train, test          question: Body + " " + Question
       multiarith  ChilleD/MultiArith            train, test
       gsm-hard    reasoning-machines/gsm-hard   test -> train        (the hub's only split; an evaluation set)
@@ -80,17 +80,22 @@ def synthetic_task(n: int, seed: int) -> list[dict]:
     return [_problem(rng) for _ in range(n)]
 
 
-def synthetic_splits(seed: int = 0, n_train: int = 20000, n_test: int = 500) -> dict[str, list[dict]]:
-    """Train and test splits with no question shared between them."""
+def synthetic_splits(seed: int = 0, n_train: int = 20000, n_test: int = 500,
+                     n_validation: int = 500) -> dict[str, list[dict]]:
+    """Train, test and validation splits with no question shared between any two. Validation comes from a stream
+    of its own, drawn after the other two, so adding it left the train and test questions as they were."""
     train = synthetic_task(n_train, seed)
     seen = {r["question"] for r in train}
-    test, extra = [], random.Random(seed + 1_000_003)
-    while len(test) < n_test:
-        r = _problem(extra)
-        if r["question"] not in seen:
-            seen.add(r["question"])
-            test.append(r)
-    return {"train": train, "test": test}
+    splits = {"train": train}
+    for name, n, stream in (("test", n_test, seed + 1_000_003), ("validation", n_validation, seed + 2_000_003)):
+        rows, extra = [], random.Random(stream)
+        while len(rows) < n:
+            r = _problem(extra)
+            if r["question"] not in seen:
+                seen.add(r["question"])
+                rows.append(r)
+        splits[name] = rows
+    return splits
 
 
 def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
@@ -161,7 +166,8 @@ class HubSet:
 HUB_SETS = {
     "gsm8k": HubSet("openai/gsm8k", "main", {"train": "train", "test": "test"},
                     {"question": "question", "answer": "answer"}),
-    "gsm8k-aug": HubSet("whynlp/gsm8k-aug", None, {"train": "train", "valid": "validation", "test": "test"},
+    "gsm8k-aug": HubSet("whynlp/gsm8k-aug", None, {"train": "train", "valid": "validation", "validation": "validation",
+                                                   "test": "test"},
                         {"question": "question", "steps": "steps", "answer": "answer"}),
     "svamp": HubSet("ChilleD/SVAMP", None, {"train": "train", "test": "test"},
                     {"question": "Body+Question", "answer": "Answer"}),

@@ -62,8 +62,12 @@ class Config:
     mask_mode: str = "shared"
     """shared: one mask for the whole rollout (the paper) | per_step: a fresh mask for the prefill, each thought
     and the answer pass (ablation, §3.12)."""
+    method: str = "coconut"
+    """Coconut's training rows (its run.py flags): coconut (the latent curriculum) | cot (stage 0 only: the chain of
+    thought, no markers) | no_cot (the answer alone: no steps, no thoughts, no markers)."""
     c_thought: int = 2
-    """Continuous thoughts per replaced reasoning step (Coconut's c, §2.1); 0 = the "w/o thought" curriculum."""
+    """Continuous thoughts per replaced reasoning step (Coconut's c, §2.1); 0 = Coconut's "w/o thought" (its
+    `no_thoughts`: the curriculum drops steps, no thought replaces them, and no <bot> <eot> markers)."""
     max_latent_stage: int = 3
     """Reasoning steps replaced by thoughts at the last latent stage (Coconut's S_max, §2.4)."""
     temperature: float = 1.0
@@ -86,7 +90,7 @@ class Config:
     is on CUDA) | true | false. The first calls compile (seconds to a minute); on CPU it rarely pays for itself."""
 
     def __post_init__(self):
-        choices = {"mask_sites": ("native", "latent_vec", "mlp_hidden"), "mask_scope": ("rollout", "latent_only"),
+        choices = {"method": ("coconut", "cot", "no_cot"), "mask_sites": ("native", "latent_vec", "mlp_hidden"), "mask_scope": ("rollout", "latent_only"),
                    "mask_mode": ("shared", "per_step"), "adv_mode": ("mean", "loo", "std"),
                    "norm": ("const", "tokens"), "compile": ("auto", "true", "false")}
         for name, allowed in choices.items():
@@ -334,6 +338,22 @@ def _static_cache(cache: DynamicCache, rows: Tensor | None, attn: Tensor, budget
     return static, F.pad(attn, (0, length - attn.shape[1]), value=1)
 
 
+def _remove_hooks(model: nn.Module) -> None:
+    """Remove every mask hook a DropoutGRPO installed on `model` (they carry the `dropout_grpo_site` tag)."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "dropout_grpo_site", False)]:
+                del hooks[key]
+
+
+def _require_eval(model: nn.Module) -> None:
+    """Rollouts and replay need model.eval(): native dropout draws a fresh mask per position and per call, which
+    the stored seed cannot replay (§3.8); the noise must come from the seeded masks alone."""
+    if model.training:
+        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before a rollout or "
+                         f"log-probs (native dropout would break the replay)")
+
+
 def _next_attn(attn: Tensor, cache) -> Tensor:
     """The attention mask for one more position: a DynamicCache grows by a column, a StaticCache's mask is full."""
     return attn if isinstance(cache, StaticCache) else F.pad(attn, (0, 1), value=1)
@@ -348,7 +368,10 @@ class DropoutGRPO:
 
     def __init__(self, model, tokenizer, cfg: Config, add_tokens: bool):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.num_stages = cfg.max_latent_stage + 1   # stages 1..S_max replace steps; stage S_max+1 drops them all
+        # stages 1..S_max replace steps; stage S_max+1 drops them all. cot / no_cot train stage 0 only
+        self.num_stages = cfg.max_latent_stage + 1 if cfg.method == "coconut" else 0
+        # Coconut's no_special_marker: no <bot> <eot> around zero thoughts (w/o thought, cot, no_cot)
+        self.markers = cfg.method == "coconut" and cfg.c_thought > 0
         self.stage = 0
         self.bot_id, self.eot_id, self.latent_id = self._special_tokens(model, tokenizer, add_tokens)
         self.eos_id = tokenizer.eos_token_id
@@ -389,7 +412,11 @@ class DropoutGRPO:
     def _install_hooks(self, model):
         """Hooks at every site. They read `self._active` and are the identity while it is None: SFT (native dropout,
         train mode) and evaluation run the original model. Hooks are closures, which deepcopy shares, so a reference
-        model made by copy.deepcopy(model) is masked by the same mask; a model without them gets them lazily."""
+        model made by copy.deepcopy(model) is masked by the same mask; a model without them gets them lazily.
+        A model carries one DropoutGRPO's hooks at a time: any earlier set (another instance's, or this one's own)
+        is removed first, so two instances on one model never apply a mask twice."""
+        _remove_hooks(model)
+
         def masked(i, x):                                       # x (B, L, d_i) * mask (B, 1, d_i)
             return x * self._active[i][:, None, :]
 
@@ -401,10 +428,12 @@ class DropoutGRPO:
                     if args:
                         return (masked(i, args[0]), *args[1:]), kwargs
                     return args, {**kwargs, "hidden_states": masked(i, kwargs["hidden_states"])}
+                pre_hook.dropout_grpo_site = True
                 module.register_forward_pre_hook(pre_hook, with_kwargs=True)
             else:
                 def hook(mod, args, out, i=i):
                     return None if self._active is None else masked(i, out)
+                hook.dropout_grpo_site = True
                 module.register_forward_hook(hook)
         model._dropout_grpo_owner = self._id
 
@@ -504,12 +533,21 @@ class DropoutGRPO:
     # ---- §2.1, §2.4 the Coconut curriculum (latent initialisation) -------------------------------------------------
 
     def num_thoughts(self, stage: int) -> int:
-        # §2.1: n = c · min(s, S_max)
-        return self.cfg.c_thought * min(stage, self.cfg.max_latent_stage)
+        # §2.1: n = c · min(s, S_max)   (cot, no_cot: none)
+        return self.cfg.c_thought * min(stage, self.cfg.max_latent_stage) if self.cfg.method == "coconut" else 0
 
     def _prompt(self, question: str) -> Tensor:
-        # §2.1: question + "\n", then <bot>; the question piece gets the tokenizer's BOS where it has one
-        return torch.tensor(self.tokenizer.encode(question + "\n") + [self.bot_id])
+        # §2.1: question + "\n", then <bot> (no marker: question + "\n" alone); the question piece gets the
+        # tokenizer's BOS where it has one
+        return torch.tensor(self.tokenizer.encode(question + "\n") + [self.bot_id] * self.markers)
+
+    def _opening(self, prompts: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """(prefilled prompts, (N,) first answer-pass input). With markers the whole prompt is prefilled and the
+        answer pass opens with <eot>; without them the prompt's last token ("\n") opens it, so the answer's first
+        logits are the ones after the question, as in a plain LM."""
+        if self.markers:
+            return prompts, torch.full((len(prompts),), self.eot_id)
+        return [p[:-1] for p in prompts], torch.stack([p[-1] for p in prompts])
 
     def sft_batch(self, examples: list[dict], stage: int) -> dict[str, Tensor]:
         """Coconut's stage-`stage` sequences (§2.1), aligned on <bot> as Coconut's collator does:
@@ -518,16 +556,19 @@ class DropoutGRPO:
 
         Stage s <= S_max replaces the first s steps with n = c·s thoughts; every later stage drops all steps and
         keeps c·S_max; stage 0 is CoT between the markers. Labels are -100 on padding, question, markers and latents.
+        Without markers (c = 0, cot, no_cot) a row is [pad] question "\\n" step_{k+1} "\\n" ... "### " answer EOS
+        [pad]; no_cot drops every step. thought_columns: (prefilled columns P, thoughts n).
         """
         def encode(text):
             return self.tokenizer.encode(text, add_special_tokens=False)
 
         n = self.num_thoughts(stage)
-        prompts, rests = [], []
-        for ex in examples:
-            kept = ex["steps"][stage:] if stage <= self.cfg.max_latent_stage else []
-            prompts.append(self._prompt(ex["question"]))
-            rests.append(torch.tensor([self.eot_id] + [t for s in kept for t in encode(s + "\n")]
+        rests = []
+        no_steps = stage > self.cfg.max_latent_stage or self.cfg.method == "no_cot"
+        prompts, openers = self._opening([self._prompt(ex["question"]) for ex in examples])
+        for ex, opener in zip(examples, openers.tolist()):
+            kept = [] if no_steps else ex["steps"][stage:]
+            rests.append(torch.tensor([opener] + [t for s in kept for t in encode(s + "\n")]
                                       + encode("### " + ex["answer"]) + [self.eos_id]))
         ids, attn = _left_pad(prompts, self.pad_id)
         rest, valid = _right_pad(rests, self.pad_id)
@@ -536,14 +577,14 @@ class DropoutGRPO:
         attn = torch.cat([attn, torch.ones(B, n, dtype=torch.long), valid.long()], 1)
         labels = torch.where(attn.bool(), ids, -100)
         labels[:, :ids.shape[1] - rest.shape[1] + 1] = -100                     # question, <bot>, latents, <eot>
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels,
+                "thought_columns": torch.tensor([ids.shape[1] - rest.shape[1] - n, n])}
 
     def sft_loss(self, model, batch: dict[str, Tensor]) -> Tensor:
         """Coconut's training loss (§2.2): shifted cross-entropy on the labels, with every latent position filled by
         the recurrence. Incremental rather than Coconut's multi-pass forward: the same maths (tested)."""
         ids, attn, labels = (batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels"))
-        P = int((ids[0] == self.bot_id).nonzero()[0]) + 1                        # prompt columns, <bot> included
-        n = int((ids[0] == self.latent_id).sum())
+        P, n = batch["thought_columns"].tolist()                                 # prompt columns (<bot> included)
         cache, prefix_attn, pos, _ = self._think(model, ids[:, :P], attn[:, :P], n, None)
         logits = self._teacher_forced(model, cache, prefix_attn, pos, ids[:, P + n:], attn[:, P + n:].bool(), None)
         # the logits at <eot> and after predict the next label; earlier targets are all -100
@@ -563,7 +604,15 @@ class DropoutGRPO:
         explore=True: the rollout policy, one mask per row and sampled answers (for pass@k)."""
         return self._generate(model, questions, 1, explore, not explore, generator)
 
+    @torch.no_grad()
+    def generate_masked(self, model, questions: list[str], num_masks: int, generator: torch.Generator) -> Rollout:
+        """MC dropout (§3.11): each question answered greedily under `num_masks` masks, rows group-major. Their mean
+        reward is the BMA policy's, which the shared mask makes GRPO climb (§4.5); the no-mask `generate` is
+        Coconut's weight-scaling approximation of it."""
+        return self._generate(model, questions, num_masks, True, True, generator)
+
     def _generate(self, model, questions, G: int, explore: bool, greedy: bool, generator) -> Rollout:
+        _require_eval(model)
         T = self.num_thoughts(self.stage)
         prompts = [p for q in questions for p in [self._prompt(q)] * G]           # group-major rows
         N = len(prompts)
@@ -573,19 +622,20 @@ class DropoutGRPO:
         masks = self._masks(seeds, T, model)
         # compiled: a static cache with a slot for each thought, <eot> and every answer token but the last
         budget = T + self.cfg.max_new_tokens if self._compiling(model.device) else 0
-        cache, attn, pos, h = self._latent_phase(model, prompts, T, masks, budget)
-        answers, logps, truncated = self._decode(model, cache, attn, pos, self._answer_masks(masks, T), greedy,
-                                                 generator)
+        prefixes, openers = self._opening(prompts)
+        cache, attn, pos, h = self._latent_phase(model, prefixes, T, masks, budget)
+        answers, logps, truncated = self._decode(model, cache, attn, pos, openers, self._answer_masks(masks, T),
+                                                 greedy, generator)
         return Rollout(
             texts=self.tokenizer.batch_decode(answers, skip_special_tokens=True),
             num_latent=torch.full((N,), T), lengths=T + torch.tensor([len(a) for a in answers]),
             truncated=truncated, prompt_ids=prompts, answer_ids=answers, mask_seed=seeds,
             group_size=torch.full((N,), G), sampler_logprobs=logps, last_hidden=h.float().cpu())
 
-    def _decode(self, model, cache, attn, pos, masks, greedy: bool, generator):
-        """Feed <eot>, then sample answer tokens one cached step at a time (§3.4). Finished rows keep stepping (their
-        tokens are cut at the first EOS afterwards) so the batch stays rectangular."""
-        tok = torch.full((attn.shape[0],), self.eot_id, device=model.device)
+    def _decode(self, model, cache, attn, pos, openers: Tensor, masks, greedy: bool, generator):
+        """Feed the opener (<eot>), then sample answer tokens one cached step at a time (§3.4). Finished rows keep
+        stepping (their tokens are cut at the first EOS afterwards) so the batch stays rectangular."""
+        tok = openers.to(model.device)
         done = torch.zeros_like(tok, dtype=torch.bool)
         tokens, logps = [], []
         for _ in range(self.cfg.max_new_tokens):
@@ -614,14 +664,16 @@ class DropoutGRPO:
         the prompt (§3.9). Float32, or the model's dtype when that is wider. With ref_masked=False a model other than
         the policy (the reference) is evaluated without a mask.
         """
+        _require_eval(model)
         T = int(rollout.num_latent[0])
         if not bool((rollout.num_latent == T).all()):
             raise ValueError("a rollout batch must have one number of thoughts (one curriculum stage)")
         use_mask = self.cfg.ref_masked or model is self.model
         masks = self._masks(rollout.mask_seed, T, model) if use_mask else None
-        cache, attn, pos, _ = self._latent_phase(model, rollout.prompt_ids, T, masks)
+        prefixes, openers = self._opening(rollout.prompt_ids)
+        cache, attn, pos, _ = self._latent_phase(model, prefixes, T, masks)
         y, valid = _right_pad(rollout.answer_ids, self.pad_id)                                      # (N, L)
-        inputs = torch.cat([torch.full((len(y), 1), self.eot_id), y[:, :-1]], 1)               # <eot>, y_<L
+        inputs = torch.cat([openers[:, None], y[:, :-1]], 1)                                   # <eot>, y_<L
         logits = self._teacher_forced(model, cache, attn, pos, inputs, valid, self._answer_masks(masks, T))
         y, valid = y.to(model.device), valid.to(model.device)
         # §3.3: ℓ_j = log softmax(W_U g_j / τ)[y_j]
@@ -640,8 +692,12 @@ class DropoutGRPO:
         lengths = torch.tensor([len(a) for a in rollout.answer_ids], device=logprobs.device)
         mask = torch.arange(logprobs.shape[1], device=logprobs.device) < lengths[:, None]          # (N, L)
         denom = len(lengths) * self.cfg.max_new_tokens if self.cfg.norm == "const" else mask.sum().clamp(min=1)
-        return clipped_loss(logprobs, old_logprobs, ref_logprobs, advantages.to(logprobs.device), mask,
-                            self.cfg.epsilon, self.cfg.beta, denom, self._compiling(logprobs.device))
+        loss, stats = clipped_loss(logprobs, old_logprobs, ref_logprobs, advantages.to(logprobs.device), mask,
+                                   self.cfg.epsilon, self.cfg.beta, denom, self._compiling(logprobs.device))
+        # §3.10 log: mean |A| over the rows (train.py weights micro-batches by their share of the normaliser: rows
+        # under norm=const, so the logged value is the mini-batch's; the fraction of non-degenerate groups is
+        # train.py's 1 - frac_reward_zero_std)
+        return loss, {**stats, "adv/abs_mean": advantages.abs().mean().item()}
 
     def loss_normaliser(self, rollout: Rollout) -> float:
         """What `loss` divides by (§3.7): rows · max_new_tokens (const), or the answer tokens (tokens). train.py weights
@@ -649,6 +705,40 @@ class DropoutGRPO:
         if self.cfg.norm == "const":
             return float(len(rollout.answer_ids) * self.cfg.max_new_tokens)
         return float(max(1, sum(len(a) for a in rollout.answer_ids)))
+
+    def gradient_variance(self, model, records: list[dict], reward_fn, num_generations: int, repeats: int,
+                          generator: torch.Generator) -> dict[str, float]:
+        """The spread of the policy-gradient estimate at fixed weights (§4.6, for the "variance reduction" claim):
+        `repeats` independent rollout batches of `records` (dicts with question and answer), G = num_generations
+        each, one gradient g_r of the loss at θ_old per batch (§4.5: −(1/N) Σ_k A_k ∇log π(y_k | x, m_k)).
+
+        grad_var = tr Cov[g] = (1/(R−1)) Σ_r ||g_r − ḡ||² (unbiased), grad_mean_sq_norm = ||ḡ||², and per batch on
+        average: frac_nondegenerate (groups whose rewards differ) and adv_abs_mean (mean |A|). Compare mask modes
+        (shared vs per_step) at equal p by calling it with each Config. Running sums: memory 2x the parameters."""
+        if repeats < 2:
+            raise ValueError(f"gradient_variance needs repeats >= 2, got {repeats}")
+        params = [x for x in model.parameters() if x.requires_grad]
+        total, sq_norms, nondegenerate, abs_adv = None, 0.0, 0.0, 0.0
+        questions = [r["question"] for r in records]
+        for _ in range(repeats):
+            ro = self.rollout(model, questions, num_generations, generator)
+            rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in
+                                    zip((r for r in records for _ in range(num_generations)), ro.texts)])
+            rewards = rewards.view(len(records), num_generations)
+            adv = self.advantages(rewards, ro, None)
+            lp = self.logprobs(model, ro)
+            loss, _ = self.loss(lp, lp.detach(), None, adv, ro)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            g = torch.cat([(torch.zeros_like(x) if d is None else d).flatten().double() for x, d in zip(params, grads)])
+            total = g if total is None else total + g
+            sq_norms += g.square().sum().item()
+            nondegenerate += (rewards.std(1) > 0).double().mean().item() if num_generations > 1 else 0.0
+            abs_adv += adv.abs().mean().item()
+        mean = total / repeats
+        # Σ_r ||g_r − ḡ||² = Σ_r ||g_r||² − R ||ḡ||²
+        var = (sq_norms - repeats * mean.square().sum().item()) / (repeats - 1)
+        return {"grad_var": var, "grad_mean_sq_norm": mean.square().sum().item(),
+                "frac_nondegenerate": nondegenerate / repeats, "adv_abs_mean": abs_adv / repeats}
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
         """dropout/distinct_answers_per_group: how many different answers a group explores (1 = collapsed);

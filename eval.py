@@ -54,15 +54,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data import load_records, parse_field_map
 
 # ----------------------------------------------------------------------------------------------------------------
-# Coconut's scoring (run.py): the answer follows the last "#" ("### 18"); exact string match after removing commas.
+# Coconut's scoring (run.py): the whole decoded output, the text after its last "#" ("### 18"); exact string match
+# after removing commas. An output with no "#" is wrong: run.py decodes the question with the output, so its split
+# then keeps question and output together, which never equals a gold answer.
 
 
-def coconut_answer(text: str) -> str:
-    return text.split("#")[-1].replace(",", "").strip()
+def coconut_answer(text: str) -> str | None:
+    """The text after the last "#", commas removed; None when there is no "#"."""
+    return text.split("#")[-1].replace(",", "").strip() if "#" in text else None
 
 
 def coconut_reward(text: str, gold: str) -> float:
-    return float(coconut_answer(text) == gold.replace(",", "").strip())
+    answer = coconut_answer(text)
+    return float(answer is not None and answer == gold.replace(",", "").strip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,6 +351,35 @@ def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool =
     return result
 
 
+def evaluate_mc(algo, model, records: list[dict], *, masks: int, batch_size: int = 64, seed: int = 0) -> dict:
+    """MC-dropout evaluation (dropout spec 3.11, the policy Dropout-GRPO optimises): every problem answered greedily
+    under `masks` masks drawn from a generator seeded `seed`. mc_mean_reward: the mean reward over problems and
+    masks (the BMA's expected reward); mc_vote_accuracy: the accuracy of the majority answer over the masks (ties:
+    the answer reached first; no answer, e.g. no "#" under Coconut's rule, is a candidate and is wrong)."""
+    if not hasattr(algo, "generate_masked"):
+        raise ValueError(f"--mc-masks: {type(algo).__name__} has no dropout masks")
+    if masks < 1 or batch_size < 1 or not records:
+        raise ValueError(f"need masks >= 1, batch_size >= 1 and some records (got {masks}, {batch_size}, "
+                         f"{len(records)} records)")
+    reward, answer = REWARDS[algo.answer_format], ANSWERS[algo.answer_format]
+    model.eval()
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    per_batch = max(1, batch_size // masks)                       # questions per call: masks rows each
+    mean_rewards, votes = [], []
+    for start in range(0, len(records), per_batch):
+        batch = records[start:start + per_batch]
+        texts = algo.generate_masked(model, [r["question"] for r in batch], masks, generator).texts
+        for i, r in enumerate(batch):
+            group = texts[i * masks:(i + 1) * masks]              # group-major: problem i's masks
+            rewards = [reward(t, r["answer"]) for t in group]
+            answers = [answer(t) for t in group]
+            winner = max(answers, key=answers.count)              # max keeps the first of equal counts
+            mean_rewards.append(statistics.fmean(rewards))
+            votes.append(rewards[answers.index(winner)])
+    return {"mc_masks": masks, "mc_mean_reward": statistics.fmean(mean_rewards),
+            "mc_vote_accuracy": statistics.fmean(votes)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation protocols: each paper's, as presets of runs and explore (see the module docstring). The decoding they
 # imply (greedy and no mask; deterministic latent phase, answer T 0.6 / top-p 0.95) is each algorithm's `generate`.
@@ -470,6 +503,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--keep-examples", type=parse_bool, default=False, help="store every completion in the JSON")
+    p.add_argument("--mc-masks", type=int, default=0,
+                   help="dropout_grpo: also answer greedily under M dropout masks (MC dropout): majority-vote "
+                        "accuracy and mean reward over the masks, beside the no-mask evaluation (default 0: off)")
     p.add_argument("--out", default=None, help="output JSON (default: CHECKPOINT/eval.json)")
     return p.parse_args(argv)
 
@@ -522,6 +558,9 @@ def main(argv=None) -> dict:
         sets = load_data_sets(args.data, args.split, args.data_seed, parse_field_map(args.field_map), args.limit)
         algo, model, _ = load_checkpoint(ckpt, device)
         protocol, runs, explore = resolve_protocol(args.protocol, type(algo), args.runs, args.explore)
+        if args.mc_masks < 0 or (args.mc_masks and not hasattr(algo, "generate_masked")):
+            raise ValueError(f"--mc-masks {args.mc_masks}: needs M >= 0 and an algorithm with dropout masks "
+                             f"(dropout_grpo), got {type(algo).__name__}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -531,6 +570,10 @@ def main(argv=None) -> dict:
                                          seed=args.seed, ks=args.k, keep_examples=args.keep_examples)}
         for name, (given, records) in sets.items()
     }
+    if args.mc_masks:
+        for name, (_, records) in sets.items():
+            results[name].update(evaluate_mc(algo, model, records, masks=args.mc_masks, batch_size=args.batch_size,
+                                             seed=args.seed))
     report = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
               "answer_format": algo.answer_format, "protocol": protocol, "runs": runs, "explore": explore,
               "seed": args.seed, "split": args.split, "limit": args.limit, "environment": environment(device),
@@ -539,6 +582,10 @@ def main(argv=None) -> dict:
     print(f"{ckpt}: {report['algorithm']} stage {algo.stage}, {algo.answer_format} scoring; protocol {protocol}: "
           f"{runs} run{'s' * (runs > 1)}, explore {str(explore).lower()}")
     print(format_table(results))
+    for name, r in results.items():
+        if "mc_masks" in r:
+            print(f"{name}: MC dropout over {r['mc_masks']} masks: vote accuracy {r['mc_vote_accuracy']:.4f}, "
+                  f"mean reward {r['mc_mean_reward']:.4f}")
     write_json_atomic(out, report)
     print(f"wrote {out}")
     return report

@@ -27,8 +27,9 @@ checkpoints.
 
 Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), summary.json, checkpoint/
 (loadable by AutoModelForCausalLM / AutoTokenizer.from_pretrained, plus algorithm.json and trainer_state.pt so
-`--resume` continues where the run stopped), and init/, the latent initialisation, for GRPO variants from the same
-start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`.
+`--resume` continues where the run stopped), init/, the latent initialisation, for GRPO variants from the same
+start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`, and best/, the checkpoint with the best
+validation accuracy (--validation).
 """
 from __future__ import annotations
 
@@ -127,6 +128,13 @@ class Args:
     """SFT learning-rate schedule within each stage, after a linear warmup of min(100, steps / 10) steps: constant |
     cosine (decay to 0 at the stage's last step). On the embedded default cosine stalls the CoT stage before its
     loss drops through ~0.17, where accuracy jumps (README, "What reproduces")."""
+    sft_warmup: bool = True
+    """Linear warmup over the first min(100, steps/10) steps of each stage [I]; Coconut has none (false)."""
+    sft_reset_every: int = 0
+    """Also reset AdamW every this many steps inside a stage (Coconut resets it every epoch: steps per epoch);
+    0 = once per stage."""
+    sft_last_stage_steps: int = 0
+    """SFT steps on the last latent stage (Coconut trains it longer: epochs 12-24 against 3 per stage); 0 = --sft-steps."""
     # --- GRPO ---
     max_steps: int = 150
     """GRPO steps (each: one rollout batch, then the update)."""
@@ -151,6 +159,11 @@ class Args:
     # --- evaluation and logging ---
     eval_size: int = 500
     """Held-out questions per evaluation."""
+    validation: bool = True
+    """Evaluate during GRPO on a validation split, never on test, and keep the best checkpoint by validation accuracy
+    in RUN/best (synthetic: its validation split; a named set: its validation split, else the last 500 train rows,
+    Coconut's gsm_valid size; a file: the 500 rows before its held-out tail). The test set is scored for the report
+    rows only (after CoT SFT, the initialisation, the end, and the best checkpoint at the end). false: test throughout."""
     eval_every: int = 50
     """Evaluate every this many GRPO steps (0 = only before and after)."""
     save_every: int = 50
@@ -291,7 +304,8 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["max_steps", "cot_steps", "sft_steps", "eval_every", "save_every", "micro_batch_size"]:
+    for name in ["max_steps", "cot_steps", "sft_steps", "eval_every", "save_every", "micro_batch_size",
+                 "sft_reset_every", "sft_last_stage_steps"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_generations < 2:
@@ -463,6 +477,24 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     return train, test[: args.eval_size]
 
 
+VALIDATION_HOLDOUT = 500   # Coconut's gsm_valid: 500 problems
+
+
+def load_validation(args: Args, train: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, validation) for --validation: the data set's validation split, else the last 500 train rows (taken
+    out of train); the first --eval-size of it. Empty when --validation is false."""
+    if not args.validation:
+        return train, []
+    if args.data == "synthetic" or args.data in data.HUB_SETS and "validation" in data.HUB_SETS[args.data].splits:
+        val = data.load_records(args.data, "validation", args.data_seed)
+    else:
+        if len(train) <= VALIDATION_HOLDOUT:
+            raise UserError(f"--data {args.data}: {len(train)} train rows, need more than {VALIDATION_HOLDOUT} to hold "
+                            f"out a validation split (or pass --validation false)")
+        train, val = train[:-VALIDATION_HOLDOUT], train[-VALIDATION_HOLDOUT:]
+    return train, val[: args.eval_size]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Rollout batches: select whole groups, concatenate batches (the Rollout contract: every field is per-row)
 
@@ -539,10 +571,10 @@ def add_seconds(state: dict, name: str, seconds: float) -> None:
     times[name] = round(times.get(name, 0.0) + seconds, 1)
 
 
-def sft_lr_factor(step: int, steps: int, schedule: str) -> float:
-    """The SFT learning rate at optimiser step `step` of a stage of `steps`, as a fraction of --sft-lr: a linear warmup,
-    then constant or a cosine decay that reaches 0 after the last step."""
-    warmup = max(1, min(100, steps // 10))
+def sft_lr_factor(step: int, steps: int, schedule: str, warmup: bool = True) -> float:
+    """The SFT learning rate at optimiser step `step` of a stage of `steps`, as a fraction of --sft-lr: a linear warmup
+    (--sft-warmup), then constant or a cosine decay that reaches 0 after the last step."""
+    warmup = max(1, min(100, steps // 10)) if warmup else 0
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -556,15 +588,20 @@ def run_sft(args, algo, model, train, test, logger, state, save):
     for stage in range(state["sft_stage"], algo.num_stages + 1):  # resumed: earlier stages are in the checkpoint
         algo.stage = stage
         steps = args.cot_steps if stage == 0 else args.sft_steps
+        if stage == algo.num_stages and stage > 0 and args.sft_last_stage_steps:
+            steps = args.sft_last_stage_steps
         state["sft_stage"] = stage + 1
         if steps == 0:  # e.g. GRPO straight from a trained initialisation (--model RUN/init)
             continue
         t0 = time.perf_counter()
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.sft_lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule,
+                                                                          warmup=args.sft_warmup))
         bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
         for step in bar:
+            if args.sft_reset_every and step and step % args.sft_reset_every == 0:   # Coconut's reset_optimizer
+                opt.state.clear()
             batch = algo.sft_batch(rng.sample(train, args.sft_batch_size), stage)
             opt.zero_grad(set_to_none=True)
             with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
@@ -725,6 +762,9 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
             t1 = time.perf_counter()
             metrics["eval/accuracy"] = evaluate(algo, model, test, args, f"grpo step {step + 1}")["accuracy"]
             add_seconds(state, "grpo_evals", time.perf_counter() - t1)
+            if args.validation and metrics["eval/accuracy"] > state["val_best_accuracy"]:   # test never selects
+                state.update(val_best_accuracy=metrics["eval/accuracy"], best_step=step + 1)
+                save(state, "best")
         logger.log({"phase": "rl", "step": step + 1, **metrics})
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
@@ -750,6 +790,7 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train, test = load_data(args)
+    train, val = load_validation(args, train)
     if resuming:
         model, tokenizer = build_model(args, str(out / "checkpoint"))
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
@@ -779,9 +820,9 @@ def main(argv=None) -> dict:
               "environment": evaluation.environment(device), "argv": sys.argv[1:] if argv is None else list(argv)}
     evaluation.write_json_atomic(out / "config.json", config)
     logger = Logger(out / "metrics.jsonl")
-    save = lambda s: save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s)
+    save = lambda s, where="checkpoint": save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s, where)
     print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train)} train / {len(test)} eval questions -> {out}")
+          f"{len(train)} train / {len(val)} validation / {len(test)} eval questions -> {out}")
 
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
@@ -793,10 +834,28 @@ def main(argv=None) -> dict:
         # a copy of the latent initialisation, so that GRPO variants can start from the very same weights:
         #   python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
         save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, state, where="init")
-    run_rl(args, algo, model, train, test, out, logger, state, save)
+        if args.validation:   # the initialisation is the first candidate for RUN/best
+            v = evaluate(algo, model, val, args, "latent initialisation (validation)")["accuracy"]
+            state.update(val_init_accuracy=v, val_best_accuracy=v, best_step=0)
+            save(state, "best")
+    run_rl(args, algo, model, train, val if args.validation else test, out, logger, state, save)
     t0 = time.perf_counter()
     final = evaluate(algo, model, test, args, "after GRPO")
     add_seconds(state, "final_eval", time.perf_counter() - t0)
+    best = {}
+    if args.validation:
+        v = evaluate(algo, model, val, args, "after GRPO (validation)")["accuracy"]
+        if v > state["val_best_accuracy"]:
+            state.update(val_best_accuracy=v, best_step=state["rl_step"])
+            save(state, "best")
+        if state["best_step"] == state["rl_step"]:
+            best_test = final["accuracy"]
+        else:
+            best_algo, best_model, _ = evaluation.load_checkpoint(out / "best", device)
+            best_test = evaluate(best_algo, best_model, test, args, f"best validation (step {state['best_step']})")["accuracy"]
+        best = {"val_init_accuracy": state["val_init_accuracy"], "val_final_accuracy": v,
+                "val_best_accuracy": state["val_best_accuracy"], "best_step": state["best_step"],
+                "test_best_accuracy": best_test, "val_size": len(val)}
 
     summary = {
         "algo": args.algo,
@@ -811,6 +870,7 @@ def main(argv=None) -> dict:
         "wall_seconds": round(time.time() - t_start, 1),
         "seconds": state.get("seconds", {}),   # per stage: SFT stages (stage 0 with its evaluation), evaluations, GRPO
         "eval_size": len(test),
+        **best,
         "environment": config["environment"],
     }
     evaluation.write_json_atomic(out / "summary.json", summary)

@@ -295,6 +295,12 @@ def test_synthetic_splits_share_no_question():
     splits = data.synthetic_splits(seed=3, n_train=300, n_test=50)
     assert len(splits["test"]) == 50
     assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["test"]}
+    val = {r["question"] for r in splits["validation"]}
+    assert len(splits["validation"]) == len(val) == 500 and not val & {r["question"] for r in splits["train"]}
+    assert not val & {r["question"] for r in splits["test"]}
+    # validation is drawn after train and test: without it they are the same lists
+    without = data.synthetic_splits(seed=3, n_train=300, n_test=50, n_validation=0)
+    assert without["train"] == splits["train"] and without["test"] == splits["test"]
     assert data.load_records("synthetic", "test", seed=0) == data.synthetic_splits(0)["test"]
 
 

@@ -251,6 +251,28 @@ def test_p3_one_mask_per_rollout_over_every_call(mode, scope):
     assert torch.allclose(calls[0], calls[1], atol=1e-12) == (mode == "shared")   # per_step: calls differ
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_p3_latent_vec_mask_on_every_thought(mode):
+    """Observe the latent_vec site: the thought fed in at call t divided by the last hidden state of call t-1 is the
+    row's mask, per feature: the seed's one draw at every thought (shared) or its draw t (per_step)."""
+    T, G = 3, 2
+    model, algo = make(thoughts=T, p=0.3, mask_sites="latent_vec", mask_mode=mode)
+    inputs, outputs = [], []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: inputs.append(kwargs.get("inputs_embeds")),
+                                    with_kwargs=True)
+    model.register_forward_hook(lambda mod, args, out: outputs.append(out.hidden_states[-1][:, -1]))
+    ro = algo.rollout(model, QUESTIONS[:2], G, gen(4))
+    assert inputs[0] is None and all(e is not None for e in inputs[1:T + 1])
+    for t in range(1, T + 1):
+        h = outputs[t - 1]
+        h = h.repeat_interleave(G, 0) if len(h) < len(ro.texts) else h   # the unmasked prefill runs once a group
+        ratio = inputs[t][:, 0] / h                                                      # (N, d)
+        for row, seed in enumerate(ro.mask_seed.tolist()):
+            draws = sample_mask(seed, algo.widths * (T + 2), 0.3)
+            assert torch.allclose(ratio[row], draws[t if mode == "per_step" else 0], atol=1e-9)
+        assert not torch.allclose(ratio[0], ratio[1])                                     # rows differ
+
+
 # ---- P5: the recurrence equals Coconut's forward ----------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -286,23 +308,32 @@ def test_p5_recurrence_equals_cache_free_and_coconut_multipass(arch, T):
 
 # ---- SFT curriculum ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("c_thought", [0, 2])
-def test_sft_stage_layout_and_labels(c_thought):
+@pytest.mark.parametrize("method, c_thought", [("coconut", 0), ("coconut", 2), ("cot", 2), ("no_cot", 2)])
+def test_sft_stage_layout_and_labels(method, c_thought):
     model = tiny()
-    algo = DropoutGRPO(model, tokenizer(), Config(c_thought=c_thought, max_latent_stage=2), add_tokens=False)
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_latent_stage=2),
+                       add_tokens=False)
     tok = tokenizer()
     examples = data.synthetic_task(3, seed=5)
-    assert algo.num_stages == 3
+    # Coconut's run.py: cot and no_cot train stage 0 only; c = 0 ("w/o thought"), cot and no_cot have no markers
+    assert algo.num_stages == (3 if method == "coconut" else 0)
+    markers = method == "coconut" and c_thought > 0
     for stage in range(algo.num_stages + 2):
         batch = algo.sft_batch(examples, stage)
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        bot_cols = (ids == algo.bot_id).nonzero()[:, 1]
-        assert (bot_cols == bot_cols[0]).all()                    # aligned on <bot>, as Coconut's collator does
+        if markers:
+            bot_cols = (ids == algo.bot_id).nonzero()[:, 1]
+            assert len(bot_cols) == 3 and (bot_cols == bot_cols[0]).all()   # aligned on <bot> (Coconut's collator)
+        else:
+            assert not torch.isin(ids, torch.tensor([algo.bot_id, algo.eot_id, algo.latent_id])).any()
         for i, ex in enumerate(examples):
             # the spec's text (§2.1): stage s <= S_max drops s steps and adds c*s thoughts; later stages drop
-            # every step and keep c*S_max thoughts
+            # every step and keep c*S_max thoughts; no_cot drops every step, cot keeps them all (stage 0)
             n, kept = (c_thought * stage, ex["steps"][stage:]) if stage <= 2 else (c_thought * 2, [])
-            q = tok.encode(ex["question"] + "\n") + [algo.bot_id] + [algo.latent_id] * n + [algo.eot_id]
+            if method != "coconut":
+                n, kept = 0, ([] if method == "no_cot" else ex["steps"][stage:])
+            q = tok.encode(ex["question"] + "\n")
+            q = q + [algo.bot_id] + [algo.latent_id] * n + [algo.eot_id] if markers else q
             rest = ([t for s in kept for t in tok.encode(s + "\n")] + tok.encode("### " + ex["answer"])
                     + [tok.eos_token_id])
             row = attn[i].bool()
@@ -311,9 +342,11 @@ def test_sft_stage_layout_and_labels(c_thought):
             assert (labels[i][~row] == -100).all() and row.long().diff().abs().sum() <= 2   # pads only at the ends
 
 
-def test_sft_loss_equals_coconut_multipass_cross_entropy():
+@pytest.mark.parametrize("method, c_thought", [("coconut", 2), ("coconut", 0), ("no_cot", 2)])
+def test_sft_loss_equals_coconut_multipass_cross_entropy(method, c_thought):
     model = tiny()
-    algo = DropoutGRPO(model, tokenizer(), Config(c_thought=2, max_latent_stage=2), add_tokens=False)
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_latent_stage=2),
+                       add_tokens=False)
     examples = data.synthetic_task(3, seed=1)
     for stage in (0, 1, 3):
         batch = algo.sft_batch(examples, stage)
@@ -324,6 +357,25 @@ def test_sft_loss_equals_coconut_multipass_cross_entropy():
         assert abs(loss.item() - ref.item()) < 1e-9
     loss.backward()                              # and it trains the thoughts: gradient through the recurrence
     assert model.transformer.ln_f.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method, c_thought", [("coconut", 0), ("cot", 2), ("no_cot", 2)])
+def test_no_marker_generation_is_the_plain_language_model(method, c_thought):
+    """Without markers (Coconut's no_special_marker) the greedy answer is the plain LM's greedy continuation of
+    question + "\\n", and replay gives the sampler's log-probs."""
+    model = tiny()
+    algo = DropoutGRPO(model, tokenizer(), Config(method=method, c_thought=c_thought, max_new_tokens=5, p=0.2),
+                       add_tokens=False)
+    algo.stage = algo.num_stages
+    ro = algo.generate(model, QUESTIONS, explore=False, generator=gen())
+    for q, answer in zip(QUESTIONS, ro.answer_ids):
+        ids = tokenizer().encode(q + "\n")
+        while len(ids) < len(tokenizer().encode(q + "\n")) + 5 and (len(ids) == 0 or ids[-1] != algo.eos_id):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert answer.tolist() == ids[len(tokenizer().encode(q + "\n")):]
+    assert (ro.num_latent == 0).all()
+    ro = algo.rollout(model, QUESTIONS[:2], 3, gen(1))
+    assert torch.allclose(algo.logprobs(model, ro), padded(ro.sampler_logprobs), atol=1e-9, rtol=0)
 
 
 # ---- P2: collapse at p = 0 --------------------------------------------------------------------------------------
@@ -354,9 +406,10 @@ def test_p2_no_mask_no_signal():
 @settings(deadline=None, max_examples=10)
 @given(arch=st.sampled_from(["gpt2", "llama"]), p=st.floats(0.0, 0.5), sites=st.sampled_from(SITES),
        scope=st.sampled_from(SCOPES), mode=st.sampled_from(MODES), G=st.integers(1, 3), T=st.integers(0, 3),
-       seed=st.integers(0, 2**31))
-def test_p4_replay_equals_sampler(arch, p, sites, scope, mode, G, T, seed):
-    model, algo = make(arch, thoughts=T, p=p, mask_sites=sites, mask_scope=scope, mask_mode=mode)
+       temperature=st.sampled_from([0.5, 1.0, 1.7]), seed=st.integers(0, 2**31))
+def test_p4_replay_equals_sampler(arch, p, sites, scope, mode, G, T, temperature, seed):
+    model, algo = make(arch, thoughts=T, p=p, mask_sites=sites, mask_scope=scope, mask_mode=mode,
+                       temperature=temperature)
     ro = algo.rollout(model, QUESTIONS[:2], G, gen(seed))
     torch.manual_seed(seed + 1)                                  # the global RNG plays no part in the replay
     lp = algo.logprobs(model, ro)
@@ -367,6 +420,76 @@ def test_p4_replay_equals_sampler(arch, p, sites, scope, mode, G, T, seed):
     assert torch.allclose(alone[:len(ro.answer_ids[last])], lp[last, :len(ro.answer_ids[last])], atol=1e-9, rtol=0)
     n = len(ro.answer_ids[0])
     assert torch.allclose(algo.logprobs(model, select(ro, [last, 0]))[1, :n], lp[0, :n], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("sites, mode", [("native", "shared"), ("latent_vec", "per_step"), ("mlp_hidden", "shared")])
+def test_p4_replay_in_float32(arch, sites, mode):
+    """The spec's tolerance (§4.9 P4: 1e-4) in float32, the dtype of a real run, at temperature 0.7."""
+    model, algo = make(arch, thoughts=3, p=0.2, mask_sites=sites, mask_mode=mode, temperature=0.7, max_new_tokens=8)
+    model.float()
+    ro = algo.rollout(model, QUESTIONS, 3, gen(5))
+    lp = algo.logprobs(model, ro)
+    assert lp.dtype == torch.float32
+    assert torch.allclose(lp, padded(ro.sampler_logprobs), atol=1e-4, rtol=0)
+    n = len(ro.answer_ids[4])
+    assert torch.allclose(algo.logprobs(model, select(ro, [4, 0]))[0, :n], lp[4, :n], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_answers_follow_softmax_over_temperature(temperature):
+    """First answer tokens of 20000 rollouts (p = 0: the clean model) against softmax(logits / τ) of a cache-free
+    forward, within 4.5 standard errors per token; softmax(logits) (τ ignored) is outside that band."""
+    tok = word_tokenizer()
+    tok.add_tokens(["<bot>", "<eot>", "<latent>"], special_tokens=True)
+    model = tiny(vocab=len(tok), std=0.5)
+    algo = DropoutGRPO(model, tok, Config(p=0.0, mask_sites="latent_vec", c_thought=1, max_latent_stage=1,
+                                          max_new_tokens=1, temperature=temperature), add_tokens=False)
+    algo.stage = 1
+    n = 20000
+    ro = algo.rollout(model, ["q a b"], n, gen(6))
+    freq = torch.bincount(torch.stack(ro.answer_ids)[:, 0], minlength=len(tok)).double() / n
+    logits = cache_free(model, algo._prompt("q a b"), 1, torch.tensor([algo.eot_id]))[-1]
+    q = torch.softmax(logits / temperature, -1)
+    band = 4.5 * (q * (1 - q) / n).sqrt() + 1e-12
+    assert ((freq - q).abs() <= band).all()
+    assert ((freq - torch.softmax(logits, -1)).abs() > band).any()
+    lp = algo.logprobs(model, ro)[:, 0]                                   # replay scores at the same τ
+    assert torch.allclose(lp, q.log()[torch.stack(ro.answer_ids)[:, 0]], atol=1e-9, rtol=0)
+
+
+def test_two_instances_on_one_model_do_not_stack_masks():
+    """A second DropoutGRPO on the same model, used in between, leaves the first one's replay unchanged: the model
+    carries one set of mask hooks, whichever instance installed it last."""
+    model, first = make(thoughts=2, p=0.3)
+    ro = first.rollout(model, QUESTIONS[:2], 2, gen(7))
+    before = first.logprobs(model, ro)
+    second = DropoutGRPO(model, tokenizer(), dataclasses.replace(first.cfg, mask_sites="mlp_hidden"),
+                         add_tokens=False)
+    second.stage = 2
+    second.rollout(model, QUESTIONS[:1], 2, gen(8))
+    assert torch.equal(first.logprobs(model, ro), before)
+    assert torch.equal(first.logprobs(model, ro), before)              # and again, after it re-installed its own
+    assert torch.allclose(before, padded(ro.sampler_logprobs), atol=1e-9, rtol=0)
+    tagged = sum(getattr(fn, "dropout_grpo_site", False) for m in model.modules()
+                 for hooks in (m._forward_hooks, m._forward_pre_hooks) for fn in hooks.values())
+    assert tagged == len(first.widths)
+
+
+def test_training_mode_is_refused_and_native_dropout_breaks_replay(monkeypatch):
+    model, algo = make(thoughts=2, p=0.3)
+    ro = algo.rollout(model, QUESTIONS[:2], 2, gen(9))
+    model.train()
+    for call in (lambda: algo.rollout(model, QUESTIONS[:1], 2, gen()), lambda: algo.logprobs(model, ro),
+                 lambda: algo.generate(model, QUESTIONS[:1], explore=False, generator=gen())):
+        with pytest.raises(ValueError, match="training mode"):
+            call()
+    # negative control: without the guard, native dropout (a fresh mask per position and per call) on top of the
+    # seeded masks makes the replay differ from the sampler's log-probs
+    monkeypatch.setattr(dg, "_require_eval", lambda model: None)
+    torch.manual_seed(0)
+    ro = algo.rollout(model, QUESTIONS[:2], 2, gen(9))
+    assert (algo.logprobs(model, ro) - padded(ro.sampler_logprobs)).abs().max() > 1e-3
 
 
 def test_rollout_fields_eos_and_truncation():
@@ -407,27 +530,66 @@ def test_reference_model_masking():
 
 # ---- P6: a masked network is a weight sample --------------------------------------------------------------------
 
-@pytest.mark.parametrize("sites, T", [("native", 0), ("mlp_hidden", 2)])
+@pytest.mark.parametrize("sites, T", [("native", 0), ("native", 2), ("mlp_hidden", 2)])
 def test_p6_masked_activations_equal_masked_weights(sites, T):
+    """Each of several rows (2 questions x 2 masks) under its mask equals, without a mask, the network whose weights
+    carry that mask; with thoughts, the thought entering block 0 is masked as the embedding rows are."""
     p = 0.4
     model, algo = make(thoughts=T, p=p, mask_sites=sites)
-    ro = algo.rollout(model, QUESTIONS[:1], 1, gen(2))
-    m = sample_mask(int(ro.mask_seed[0]), algo.widths, p)
-    w = copy.deepcopy(model)                                     # the same sample as weights, no mask
-    w.lm_head.weight = torch.nn.Parameter(w.lm_head.weight.detach().clone())          # untie the head
-    with torch.no_grad():
-        if sites == "native":     # block-0 input = wte + wpe (T = 0: no thought enters without an embedding row)
-            w.transformer.wte.weight.mul_(m[0])
-            w.transformer.wpe.weight.mul_(m[0])
-            for b, block in enumerate(w.transformer.h):             # Conv1D (in, out): mask output columns + bias
-                for proj, mask in ((block.attn.c_proj, m[1 + 2 * b]), (block.mlp.c_proj, m[2 + 2 * b])):
-                    proj.weight.mul_(mask)
-                    proj.bias.mul_(mask)
-        else:                     # mask the rows (inputs) of each MLP output projection
-            for block, mask in zip(w.transformer.h, m):
-                block.mlp.c_proj.weight.mul_(mask[:, None])
+    ro = algo.rollout(model, QUESTIONS[:2], 2, gen(2))
+    masked = algo.logprobs(model, ro)
     clean = dataclasses.replace(ro, mask_seed=torch.full_like(ro.mask_seed, -1))
-    assert torch.allclose(algo.logprobs(model, ro), algo.logprobs(w, clean), atol=1e-10, rtol=0)
+    for row, seed in enumerate(ro.mask_seed.tolist()):
+        m = sample_mask(seed, algo.widths, p)
+        w = copy.deepcopy(model)                                 # the same sample as weights, no mask
+        w.lm_head.weight = torch.nn.Parameter(w.lm_head.weight.detach().clone())          # untie the head
+        with torch.no_grad():
+            if sites == "native":     # block-0 input = wte + wpe, or thought + wpe
+                w.transformer.wte.weight.mul_(m[0])
+                w.transformer.wpe.weight.mul_(m[0])
+                for b, block in enumerate(w.transformer.h):         # Conv1D (in, out): mask output columns + bias
+                    for proj, mask in ((block.attn.c_proj, m[1 + 2 * b]), (block.mlp.c_proj, m[2 + 2 * b])):
+                        proj.weight.mul_(mask)
+                        proj.bias.mul_(mask)
+                # a thought has no embedding row: its block-0 input is (e + wpe) ⊙ m0 = e ⊙ m0 + (wpe ⊙ m0)
+                w.transformer.register_forward_pre_hook(
+                    lambda mod, args, kwargs, m0=m[0]: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * m0})
+                    if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+            else:                     # mask the rows (inputs) of each MLP output projection
+                for block, mask in zip(w.transformer.h, m):
+                    block.mlp.c_proj.weight.mul_(mask[:, None])
+        n = len(ro.answer_ids[row])
+        want = algo.logprobs(w, select(clean, [row]))[0, :n]
+        assert torch.allclose(masked[row, :n], want, atol=1e-10, rtol=0)
+
+
+def cache_free_masked(model, prompt, T, tokens, masks):
+    """cache_free with the fed-back thought masked: e_t = h_{t-1} ⊙ masks[t-1] (the latent_vec site)."""
+    embed = model.get_input_embeddings()
+    embeds = embed(prompt)[None]
+    for t in range(T):
+        h = model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True).hidden_states[-1][:, -1:]
+        embeds = torch.cat([embeds, h * masks[t]], 1)
+    return model(inputs_embeds=torch.cat([embeds, embed(tokens)[None]], 1), use_cache=False).logits[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_p6_latent_vec_mask_is_the_thoughts(mode):
+    """latent_vec: every row's log-probs equal a cache-free recurrence whose fed-back thoughts are h ⊙ m (the row's
+    seed's mask: one for every thought when shared, thought t's draw when per_step); and the mask matters."""
+    T, p = 3, 0.4
+    model, algo = make(thoughts=T, p=p, mask_sites="latent_vec", mask_mode=mode)
+    ro = algo.rollout(model, QUESTIONS[:2], 2, gen(3))
+    lp = algo.logprobs(model, ro)
+    for row, seed in enumerate(ro.mask_seed.tolist()):
+        draws = sample_mask(seed, algo.widths * (T + 2), p)
+        masks = draws[1:T + 1] if mode == "per_step" else [draws[0]] * T      # calls 1..T are the thoughts
+        y = ro.answer_ids[row]
+        inputs = torch.cat([torch.tensor([algo.eot_id]), y[:-1]])
+        ref = cache_free_masked(model, ro.prompt_ids[row], T, inputs, masks).log_softmax(-1)[-len(y):]
+        assert torch.allclose(lp[row, :len(y)], ref.gather(-1, y[:, None])[:, 0], atol=1e-9, rtol=0)
+        unmasked = cache_free(model, ro.prompt_ids[row], T, inputs).log_softmax(-1)[-len(y):]
+        assert not torch.allclose(ref, unmasked, atol=1e-6)
 
 
 # ---- P7, P7b, P8: the estimator ---------------------------------------------------------------------------------
@@ -683,6 +845,34 @@ def test_p11c_shared_mask_spreads_coherently():
         ro = algo.rollout(model, QUESTIONS[:1], 8, gen())
         print(mode, "tiny GPT-2 dropout/latent_spread", algo.metrics(ro)["dropout/latent_spread"])
     assert abs(spread["shared"] / spread["per_step"] / T - 1) < 0.1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_variance_matches_a_plain_loop(mode):
+    """gradient_variance against stacked REINFORCE gradients −(1/N) Σ_k A_k ∇ Σ_j log π (P7b) of the same rollout
+    batches (the same generator seed), their unbiased trace covariance and squared mean norm."""
+    model, algo = make(thoughts=2, p=0.3, mask_mode=mode, max_new_tokens=3)
+    records = [{"question": q, "answer": a} for q, a in zip(QUESTIONS[:2], ["3", "16"])]
+    def reward(text, gold):
+        return float(len(text) % 2)                                        # any reward that varies
+    got = algo.gradient_variance(model, records, reward, 4, 3, gen(10))
+    params = list(model.parameters())
+    g, generator, frac, abs_adv = [], gen(10), [], []
+    for _ in range(3):
+        ro = algo.rollout(model, QUESTIONS[:2], 4, generator)
+        r = torch.tensor([reward(t, "") for t in ro.texts], dtype=torch.float64).view(2, 4)
+        adv = r - r.mean(1, keepdim=True)
+        lp = algo.logprobs(model, ro)
+        grads = torch.autograd.grad(-(adv.reshape(-1) * lp.sum(1)).sum() / (8 * 3), params, allow_unused=True)
+        g.append(torch.cat([(torch.zeros_like(x) if d is None else d).flatten() for x, d in zip(params, grads)]))
+        frac.append((r.std(1) > 0).double().mean().item())
+        abs_adv.append(adv.abs().mean().item())
+    g = torch.stack(g)                                                     # (R, parameters)
+    assert got["grad_var"] == pytest.approx(g.var(0).sum().item(), rel=1e-8)
+    assert got["grad_mean_sq_norm"] == pytest.approx(g.mean(0).square().sum().item(), rel=1e-8)
+    assert got["frac_nondegenerate"] == pytest.approx(sum(frac) / 3)
+    assert got["adv_abs_mean"] == pytest.approx(sum(abs_adv) / 3)
+    assert got["grad_var"] > 0
 
 
 def test_metrics_on_a_hand_built_rollout():

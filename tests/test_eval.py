@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("### 18.0", "18", 0.0),            # exact string: "18.0" != "18"
     ("### 18", "18.0", 0.0),
     ("### 11 apples", "11", 0.0),
-    ("11", "11", 1.0),                  # no "#": the whole text is the prediction
+    ("11", "11", 0.0),                  # no "#": no answer, wrong (Coconut's rule)
+    ("<<3+8=11>>\n11", "11", 0.0),
     ("# 3 # 4", "4", 1.0),              # the last "#" counts
     ("### 4#", "4", 0.0),               # ... even when nothing follows it
     ("", "0", 0.0),
@@ -44,7 +45,8 @@ def test_coconut_reward(text, gold, reward):
 
 def test_coconut_answer():
     assert ev.coconut_answer("step\n### 1,000,000\n") == "1000000"
-    assert ev.coconut_answer("no hash here ") == "no hash here"
+    assert ev.coconut_answer("no hash here ") is None
+    assert ev.coconut_answer("#") == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,6 +328,37 @@ def test_evaluate_matches_plain_loops(data):
     assert res["mean_length"] == (pytest.approx(sum(per_run) / len(per_run)) if per_run else None)
     assert res["frac_truncated"] == pytest.approx(sum(cell[0][3] for cell in cells) / len(cells))
     assert res["frac_never_exited"] == pytest.approx(sum(cell[0][1] == cell[0][2] for cell in cells) / len(cells))
+
+
+class MaskTableAlgo:
+    """generate_masked answers question q's m-th mask with table[q][m] (group-major rows, as DropoutGRPO)."""
+    answer_format = "coconut"
+
+    def __init__(self, table):
+        self.table, self.batches = table, []
+
+    def generate_masked(self, model, questions, num_masks, generator):
+        self.batches.append(len(questions))
+        texts = [self.table[q][m] for q in questions for m in range(num_masks)]
+        n = len(texts)
+        return FakeRollout(texts, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                           torch.zeros(n, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_evaluate_mc_by_hand(batch_size):
+    records = [{"question": f"q{i}", "steps": [], "answer": "7"} for i in range(4)]
+    table = {"q0": ["### 7", "### 7", "### 3", "### 7"],     # vote 7: right; mean 3/4
+             "q1": ["### 3", "7", "7", "### 7"],             # no "#" twice: the vote is no answer, wrong; mean 1/4
+             "q2": ["### 3", "### 7", "### 7", "### 3"],     # tie: the first reached (3) wins, wrong; mean 2/4
+             "q3": ["### 3", "### 3", "### 3", "### 3"]}     # wrong; mean 0
+    algo = MaskTableAlgo(table)
+    res = ev.evaluate_mc(algo, FakeModel(), records, masks=4, batch_size=batch_size)
+    assert res == {"mc_masks": 4, "mc_mean_reward": pytest.approx((3 + 1 + 2 + 0) / 16),
+                   "mc_vote_accuracy": pytest.approx(1 / 4)}
+    assert sum(algo.batches) == 4 and max(algo.batches) == max(1, min(4, batch_size // 4))
+    with pytest.raises(ValueError, match="no dropout masks"):
+        ev.evaluate_mc(CoinAlgo(), FakeModel(), records, masks=2)
 
 
 class CoinAlgo:

@@ -183,3 +183,24 @@ def test_existing_run_is_not_overwritten(tmp_path):
     result = run_cli("train.py", "--out", str(out))
     assert result.returncode == 2 and "--resume" in result.stderr
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_validation_selects_and_test_scores_the_report(tmp_path, monkeypatch):
+    """During GRPO only validation questions are evaluated; RUN/best holds the best validation checkpoint, and
+    test is scored for the report rows (CoT, initialisation, final, best)."""
+    import data
+    splits = data.synthetic_splits(0)
+    val_q, test_q = {r["question"] for r in splits["validation"][:4]}, {r["question"] for r in splits["test"][:4]}
+    seen = []
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda algo, model, records, args, name:
+                        seen.append((name, {r["question"] for r in records})) or real(algo, model, records, args, name))
+    out = tmp_path / "run"
+    summary = train.main(["--out", str(out), *TINY, *ALGO_TINY["dropout_grpo"]])
+    during = [q for name, q in seen if name.startswith("grpo step") or "(validation)" in name]
+    assert during and all(q == val_q for q in during)
+    assert [name for name, q in seen if q == test_q][:2] == ["after CoT SFT (stage 0)", "latent initialisation"]
+    assert (out / "best" / "algorithm.json").is_file()
+    assert summary["val_best_accuracy"] == max(summary["val_init_accuracy"], summary["val_final_accuracy"],
+                                               summary["val_best_accuracy"])
+    assert 0 <= summary["best_step"] <= 2 and summary["val_size"] == 4 and "test_best_accuracy" in summary
