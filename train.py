@@ -262,7 +262,7 @@ class UserError(Exception):
 def parse_args(argv=None):
     """Two passes: --algo and --preset first, so that --help lists exactly the chosen algorithm's knobs, with the
     preset's values as their defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--algo")
     pre.add_argument("--preset", default=Args.preset)
     known, _ = pre.parse_known_args(argv)
@@ -278,7 +278,7 @@ def parse_args(argv=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="presets (--preset NAME):\n" + "\n".join(f"  {name:<26}{p['help']}" for name, p in PRESETS.items())
         + "\n\nmemory: --bf16, --gradient-checkpointing, --micro-batch-size; the frozen reference model (a second copy "
           "of the weights) is built only when --beta > 0.",
