@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
+import latent_sft
+
 THINK, END_THINK = "<think>", "</think>"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}.\n"
 
@@ -108,11 +110,27 @@ class Config:
     """FlipGrad (spec 4): straight-through gradient phi(-x) for latent components with A <= 0 and x < 0."""
     first_token_selection: bool = True
     """Fix 3 (spec 6.3): only the best correct sample of a group keeps its advantage at the first position."""
-    # ---- the latent initialisation stand-in (module docstring) ----
+    # ---- the latent initialisation (module docstring; latent_sft.py) ----
+    latent_init: str = "latent-sft"
+    """latent-sft: CoT SFT, then Latent-SFT steps 1a, 1b, 1c and stage 2 (latent_sft.py, the official start).
+    standin (ablation): CoT SFT, then the uniform-superposition curriculum of --latent-stages stages."""
     c_latent: int = 2
-    """c: CoT tokens compressed into one latent position by the SFT curriculum (the chain gets about c x shorter)."""
+    """c: CoT tokens compressed into one latent position (the chain gets about c x shorter)."""
+    latent_sft_steps_1a: int = -1
+    """Latent-SFT step 1a (encoder only): optimiser steps (-1: the loop's --sft-steps)."""
+    latent_sft_steps_1b: int = -1
+    """Latent-SFT step 1b (decoder only): optimiser steps (-1: the loop's --sft-steps)."""
+    latent_sft_steps_1c: int = -1
+    """Latent-SFT step 1c (encoder and decoder): optimiser steps (-1: the loop's --sft-steps)."""
+    latent_sft_steps_2: int = -1
+    """Latent-SFT stage 2 (decoder alone, KL + CE): optimiser steps (-1: the loop's --sft-steps)."""
+    sft_noise_scale: float = 1.0
+    """Latent-SFT stage 2: scale of the Gumbel augmentation of the teacher latents (0 = off; official 1.0)."""
+    sft_gumbel_temperature: float = 1.0
+    """Latent-SFT stage 2: temperature tau of the augmented teacher (official 1.0)."""
     latent_stages: int = 3
-    """S: curriculum stages after CoT SFT; stage s replaces the first ceil(s/S * n_steps) CoT steps by latents."""
+    """--latent-init standin only: S curriculum stages after CoT SFT; stage s replaces the first ceil(s/S * n_steps)
+    CoT steps by latents."""
     latent: bool = True
     """False: explicit-CoT GRPO baseline with the same loop (no latent steps, Latent-GRPO fixes off)."""
     # ---- speed ----
@@ -138,6 +156,13 @@ class Config:
             (self.beta >= 0, f"--beta must be >= 0 (got {self.beta})"),
             (self.c_latent >= 1, f"--c-latent must be >= 1 (got {self.c_latent})"),
             (self.latent_stages >= 0, f"--latent-stages must be >= 0 (got {self.latent_stages})"),
+            (self.latent_init in ("latent-sft", "standin"),
+             f"--latent-init must be latent-sft or standin (got {self.latent_init})"),
+            (self.sft_noise_scale >= 0, f"--sft-noise-scale must be >= 0 (got {self.sft_noise_scale})"),
+            (self.sft_gumbel_temperature > 0,
+             f"--sft-gumbel-temperature must be > 0 (got {self.sft_gumbel_temperature})"),
+            (min(self.latent_sft_steps_1a, self.latent_sft_steps_1b, self.latent_sft_steps_1c,
+                 self.latent_sft_steps_2) >= -1, "--latent-sft-steps-* must be >= -1 (-1: --sft-steps)"),
             (self.compile in ("auto", "true", "false"), f"--compile must be auto, true or false (got {self.compile})"),
         ]
         for ok, message in checks:
@@ -418,7 +443,12 @@ class LatentGRPO:
         self.end_id = tokenizer.encode(END_THINK, add_special_tokens=False)[0]
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.num_stages = cfg.latent_stages if cfg.latent else 0
+        # stage 0 is CoT SFT; then Latent-SFT's 1a, 1b, 1c, 2 (latent_sft.STAGES) or the stand-in's curriculum
+        self.sft = None
+        if cfg.latent and cfg.latent_init == "latent-sft":
+            self.sft = latent_sft.LatentSFT(cfg.c_latent, cfg.top_k, self.end_id, self.eos_id, self.pad_id,
+                                            cfg.sft_noise_scale, cfg.sft_gumbel_temperature)
+        self.num_stages = (len(latent_sft.STAGES) if self.sft else cfg.latent_stages) if cfg.latent else 0
         self.stage = 0
         self.last_flip_frac = 0.0   # set by logprobs(advantages=...), reported by loss as latent/flip_frac
 
@@ -450,7 +480,36 @@ class LatentGRPO:
 
     # ---- latent initialisation (the stand-in for Latent-SFT; module docstring) ----
 
+    def final_ids(self, answer: str) -> list[int]:
+        """The answer target after the chain, `</think> The answer is \\boxed{X}` + EOS [I]: the training reward
+        reads the last \\boxed{} (answer_format), so every SFT stage and the explicit mode end with one."""
+        return self._encode(END_THINK + f" The answer is \\boxed{{{answer}}}") + [self.eos_id]
+
+    def sft_stage_steps(self, stage: int) -> int | None:
+        """Optimiser steps of an SFT stage when this algorithm sets them (Latent-SFT's per-step fields), else None:
+        the loop's --cot-steps / --sft-steps."""
+        if self.sft is None or stage == 0:
+            return None
+        cfg = self.cfg
+        steps = [cfg.latent_sft_steps_1a, cfg.latent_sft_steps_1b, cfg.latent_sft_steps_1c, cfg.latent_sft_steps_2]
+        return None if steps[stage - 1] < 0 else steps[stage - 1]
+
+    def sft_parameters(self, model, stage: int) -> list:
+        """The parameters an SFT stage trains, after the loop's model.train(). Stage 0 and the stand-in: every
+        trainable weight of the model. Latent-SFT: its step's set, possibly of its own encoder (latent_sft.py)."""
+        if self.sft is None or stage == 0:
+            return [p for p in model.parameters() if p.requires_grad]
+        return self.sft.parameters(model, stage)
+
     def sft_batch(self, examples: list[dict], stage: int) -> dict[str, torch.Tensor]:
+        """Stage 0 and the stand-in's stages: see _standin_batch. Latent-SFT's stages: latent_sft.LatentSFT.batch."""
+        if self.sft is None or stage == 0:
+            return self._standin_batch(examples, stage)
+        prompts = [self._encode(self.prompt_text(ex["question"])) for ex in examples]
+        cots = [self._encode("".join(s + "\n" for s in ex["steps"])) for ex in examples]
+        return self.sft.batch(prompts, cots, [self.final_ids(ex["answer"]) for ex in examples], torch.float32)
+
+    def _standin_batch(self, examples: list[dict], stage: int) -> dict[str, torch.Tensor]:
         """Soft-token SFT sequences. Each position is a small set of ids with weights: one id with weight 1 for an
         ordinary token, c ids with weight 1/c for a latent position. Input = the weighted mean of their embeddings;
         target (one position earlier) = the same weights as a distribution over ids.
@@ -463,7 +522,7 @@ class LatentGRPO:
             n_latent = math.ceil(stage * len(steps) / self.num_stages) if stage else 0
             cot = self._encode("".join(steps[:n_latent]))
             latent = [cot[i:i + self.cfg.c_latent] for i in range(0, len(cot), self.cfg.c_latent)]
-            explicit = self._encode("".join(steps[n_latent:]) + END_THINK + f" #### {ex['answer']}") + [self.eos_id]
+            explicit = self._encode("".join(steps[n_latent:])) + self.final_ids(ex["answer"])
             prompt = self._encode(self.prompt_text(ex["question"]))
             rows.append(([[t] for t in prompt] + latent + [[t] for t in explicit], len(prompt)))
         B, T, c = len(rows), max(len(r) for r, _ in rows), max(len(grp) for r, _ in rows for grp in r)
@@ -478,7 +537,10 @@ class LatentGRPO:
         return {"ids": ids, "weights": weights, "attention_mask": (sizes > 0).long(), "target_mask": target_mask}
 
     def sft_loss(self, model, batch) -> torch.Tensor:
-        """Soft cross-entropy -sum_v q_v log p_v, token-mean over the target positions (embeddings train here)."""
+        """Soft cross-entropy -sum_v q_v log p_v, token-mean over the target positions (embeddings train here).
+        Latent-SFT's stages: latent_sft.LatentSFT.loss."""
+        if "enc_ids" in batch:
+            return self.sft.loss(model, batch, self.stage)
         b = {k: v.to(model.device) for k, v in batch.items()}
         x = soft_embedding(model.get_input_embeddings().weight, b["ids"], b["weights"])           # (B, T, d)
         logits = _fp32(model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits[:, :-1])
@@ -492,6 +554,8 @@ class LatentGRPO:
     def start_rl(self, model):
         """Called once when RL starts, before the optimiser is built: freeze the input embeddings and the LM head
         (5.4, freeze_embedding). Not at construction: the SFT initialisation must train the new tokens' rows."""
+        if self.sft is not None:
+            self.sft.drop_encoder()
         if self.cfg.freeze_embedding:
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 module.weight.requires_grad_(False)

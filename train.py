@@ -15,7 +15,7 @@ Hugging Face causal LM (path or hub name), `--data` a named data set (gsm8k, gsm
 
 The pipeline:
   1. latent initialisation: stage 0 is CoT SFT; stages 1..S are the algorithm's latent curriculum
-     (Coconut's for Dropout-GRPO; the superposition stand-in for Latent-SFT for Latent-GRPO);
+     (Coconut's for Dropout-GRPO; Latent-SFT's steps 1a, 1b, 1c and stage 2 for Latent-GRPO);
   2. evaluate (`init_accuracy`);
   3. GRPO: rollout -> reward -> (dynamic group filter) -> old / ref log-probs -> advantage -> clipped update;
   4. evaluate again (`final_accuracy`), write `summary.json`.
@@ -588,6 +588,8 @@ def run_sft(args, algo, model, train, test, logger, state, save):
     for stage in range(state["sft_stage"], algo.num_stages + 1):  # resumed: earlier stages are in the checkpoint
         algo.stage = stage
         steps = args.cot_steps if stage == 0 else args.sft_steps
+        if stage > 0 and steps > 0 and hasattr(algo, "sft_stage_steps"):  # an algorithm's own count per stage
+            steps = algo.sft_stage_steps(stage) if algo.sft_stage_steps(stage) is not None else steps
         if stage == algo.num_stages and stage > 0 and args.sft_last_stage_steps:
             steps = args.sft_last_stage_steps
         state["sft_stage"] = stage + 1
@@ -595,7 +597,10 @@ def run_sft(args, algo, model, train, test, logger, state, save):
             continue
         t0 = time.perf_counter()
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.sft_lr, weight_decay=0.01)
+        # the algorithm may train a subset, or a second network it owns (Latent-SFT's encoder), stage by stage
+        params = (algo.sft_parameters(model, stage) if hasattr(algo, "sft_parameters")
+                  else [p for p in model.parameters() if p.requires_grad])
+        opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule,
                                                                           warmup=args.sft_warmup))
         bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
@@ -607,7 +612,7 @@ def run_sft(args, algo, model, train, test, logger, state, save):
             with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
                 loss = algo.sft_loss(model, batch)
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             sched.step()
             if step % 50 == 0 or step == steps - 1:
@@ -615,7 +620,10 @@ def run_sft(args, algo, model, train, test, logger, state, save):
                 logger.log({"phase": "sft", "stage": stage, "step": step, "loss": loss.item()})
         model.eval()
         if stage == 0:
-            state["cot_accuracy"] = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")["accuracy"]
+            cot = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")
+            # the CoT model's chain: positions before </think> (the latent policy's steps), and all it generates
+            state.update(cot_accuracy=cot["accuracy"], cot_chain_length=cot["mean_latent_steps"],
+                         cot_length=cot["mean_length"])
         add_seconds(state, f"sft_stage_{stage}", time.perf_counter() - t0)
         save(state)
 
@@ -860,6 +868,8 @@ def main(argv=None) -> dict:
     summary = {
         "algo": args.algo,
         "cot_accuracy": state.get("cot_accuracy"),
+        "cot_chain_length": state.get("cot_chain_length"),
+        "cot_length": state.get("cot_length"),
         "init_accuracy": state["init_accuracy"],
         "final_accuracy": final["accuracy"],
         "init_latent_steps": state["init_latent_steps"],

@@ -713,11 +713,11 @@ def test_prompt_always_ends_with_think(tok, algo):
 @given(seed=SEEDS, c=st.integers(1, 3), S=st.integers(1, 3))
 def test_sft_curriculum(tok, seed, c, S):
     """The stand-in initialisation. Every stage keeps the text: the ids after the prompt, read in order, decode to
-    steps + </think> #### answer + EOS. A position holds 1 id (weight 1) or, for latents, up to c ids (weight 1/size).
+    steps + </think> The answer is \\boxed{answer} + EOS. A position holds 1 id (weight 1) or, for latents, up to c ids (weight 1/size).
     The replaced steps grow with the stage; at the last stage every CoT token is latent and the chain is
     ceil(n/c) positions for n CoT tokens. The loss is the loop reference's soft cross-entropy."""
     model = tiny_model("gpt2", tok, seed)
-    algo = LatentGRPO(model, tok, Config(c_latent=c, latent_stages=S), add_tokens=False)
+    algo = LatentGRPO(model, tok, Config(c_latent=c, latent_stages=S, latent_init="standin"), add_tokens=False)
     examples = data.synthetic_task(3, seed)
     previous = [0] * len(examples)
     for stage in range(S + 1):
@@ -732,7 +732,7 @@ def test_sft_curriculum(tok, seed, c, S):
             torch.testing.assert_close(w.sum(-1), torch.ones(len(w)))
             assert (sizes <= (c if stage else 1)).all()
             flat = [i for row, k in zip(ids.tolist(), sizes.tolist()) for i in row[:k]]
-            text = "".join(s + "\n" for s in ex["steps"]) + lg.END_THINK + f" #### {ex['answer']}"
+            text = "".join(s + "\n" for s in ex["steps"]) + lg.END_THINK + f" The answer is \\boxed{{{ex['answer']}}}"
             assert flat[-1] == tok.eos_token_id and tok.decode(flat[:-1]) == text
             n_latent = int((sizes > 1).sum()) if c > 1 else 0
             assert n_latent >= previous[b]
