@@ -26,17 +26,20 @@ What is measured, and how each paper measures it:
 - Each algorithm names its scoring rule (`answer_format`). "coconut" is Coconut's run.py: the text after the
   last "#", commas removed, compared as strings ("18.0" is wrong when the gold is "18"). "math" is Latent-GRPO's
   low-task script: the last \\boxed{}, else the text after "####", else the last number, compared after
-  Hendrycks-MATH normalisation or as numbers within 1e-5.
+  Hendrycks-MATH normalisation or as numbers within 1e-5. Latent-GRPO's text is its whole output decoded with special
+  tokens (latent top-1 ids included, the stop token left out), as the official script decodes it.
 - `--explore false` is each paper's own evaluation policy (above). `--explore true` is the training rollout
-  policy, which is what pass@k under "Gumbel sampling" / "mask sampling" refers to.
+  policy, which is what pass@k under "Gumbel sampling" / "mask sampling" refers to; for latent_grpo it runs at the
+  official evaluation-with-noise settings, `--noise-scale` 1.0 and no answer top-k (`--answer-top-k` 0), unless given.
 - accuracy = pass@1 = mean accuracy over `--runs` runs, each run seeded `seed + run`. pass@k uses the unbiased
   estimator 1 - C(n-c, k)/C(n, k) with n = runs, averaged over problems; only k <= runs is reported.
 - mean_length counts generated positions (latent and token) over non-truncated outputs, averaged per run and
-  then over runs, as the Latent-GRPO low-task script does.
+  then over runs, as the Latent-GRPO low-task script does; Latent-GRPO's truncated = length == the budget.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -111,8 +114,9 @@ def _fix_a_slash_b(s: str) -> str:
     return s
 
 
-def strip_string(s: str) -> str:
-    """Hendrycks et al.'s MATH answer normalisation, step for step as in Latent-GRPO's eval script."""
+def strip_string(s: str, remove_commas: bool = True) -> str:
+    """Hendrycks et al.'s MATH answer normalisation, step for step as in Latent-GRPO's eval script
+    (remove_commas=False: verl's math.strip_string, which keeps them)."""
     s = str(s).replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
@@ -120,7 +124,8 @@ def strip_string(s: str) -> str:
     s = s.replace("\\$", "")
     s = s.split("\\text{ ")[0]  # units, "5 \text{ cm}" (the original crashes on two of them; we keep the first part)
     s = s.replace("\\%", "")  # a bare "%" stays: "50%" != "50", as in the original
-    s = s.replace(",", "")
+    if remove_commas:
+        s = s.replace(",", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -211,8 +216,36 @@ def math_reward(text: str, gold: str) -> float:
     return float(math_equal(math_answer(text), gold))
 
 
-# An algorithm class names its rule in `answer_format`.
-REWARDS = {"coconut": coconut_reward, "math": math_reward}
+# ----------------------------------------------------------------------------------------------------------------
+# Latent-GRPO's training reward (the official verl fork's utils/reward_score/math.py, compute_score): the last
+# \boxed{} only, equal after strip_string (commas kept); no "####" or last-number fallback, no numeric tolerance.
+
+
+def verl_math_reward(text: str, gold: str) -> float:
+    """1.0 when the last \\boxed{...} (or "\\boxed x" up to "$") of `text` equals `gold` after verl's strip_string."""
+    if "\\boxed " in text:   # verl: any "\boxed " wins, up to the next "$"
+        pred = text.split("\\boxed ")[-1].split("$")[0]
+    else:
+        start = text.rfind("\\boxed")
+        if start < 0:   # verl then looks for \fbox, whose answer its remove_boxed rejects: 0
+            return 0.0
+        depth, pred = 0, None
+        for i in range(start, len(text)):
+            depth += (text[i] == "{") - (text[i] == "}")
+            if text[i] == "}" and depth == 0:
+                pred = text[start:i + 1]
+                break
+        if pred is None or not pred.startswith("\\boxed{"):   # unbalanced, or "\boxedx": remove_boxed fails
+            return 0.0
+        pred = pred[len("\\boxed{"):-1]
+    if max(pred.count("\\text{ "), str(gold).count("\\text{ ")) > 1:   # verl's unit removal fails: raw strings
+        return float(pred == gold)
+    return float(strip_string(pred, remove_commas=False) == strip_string(gold, remove_commas=False))
+
+
+# An algorithm class names its evaluation rule in `answer_format` (and may name another for training in
+# `train_reward`).
+REWARDS = {"coconut": coconut_reward, "math": math_reward, "verl-math": verl_math_reward}
 ANSWERS = {"coconut": coconut_answer, "math": math_answer}
 
 
@@ -499,6 +532,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=_ks, default=[1, 4, 8, 16, 32, 64], help="pass@k to report (only k <= runs)")
     p.add_argument("--explore", type=parse_bool, default=None,
                    help="true: sample with the training policy, for pass@k (default: the protocol's, false)")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="--explore true, latent_grpo: Gumbel noise scale of the latent steps (default: 1.0, the "
+                        "official evaluation with noise)")
+    p.add_argument("--answer-top-k", type=int, default=None,
+                   help="--explore true, latent_grpo: top-k of answer sampling, 0 = none (default: 0, the official)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -533,6 +571,29 @@ def environment(device=None) -> dict:
     return env
 
 
+# The official evaluation with noise (Latent-GRPO's Gumbel pass@k): noise scale 1.0, no answer top-k, whatever the
+# checkpoint was trained with.
+EXPLORE_DEFAULTS = {"noise_scale": 1.0, "answer_top_k": 0}
+
+
+def explore_policy(algo, explore: bool, **given) -> dict:
+    """Set the exploring policy's knobs on algo.cfg: the given ones (None = not given), else EXPLORE_DEFAULTS for the
+    fields the algorithm's Config has. Returns what was set. Given ones need --explore true and such a field."""
+    given = {k: v for k, v in given.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(algo.cfg)} if dataclasses.is_dataclass(algo.cfg) else set()
+    for name in given:
+        flag = "--" + name.replace("_", "-")
+        if not explore:
+            raise ValueError(f"{flag} applies to the exploring policy only: add --explore true")
+        if name not in fields:
+            raise ValueError(f"{flag}: {type(algo).__name__} has no such setting")
+    if not explore:
+        return {}
+    values = {k: given.get(k, v) for k, v in EXPLORE_DEFAULTS.items() if k in fields}
+    algo.cfg = dataclasses.replace(algo.cfg, **values)   # its own checks: a bad value is a ValueError
+    return values
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -561,6 +622,7 @@ def main(argv=None) -> dict:
         if args.mc_masks < 0 or (args.mc_masks and not hasattr(algo, "generate_masked")):
             raise ValueError(f"--mc-masks {args.mc_masks}: needs M >= 0 and an algorithm with dropout masks "
                              f"(dropout_grpo), got {type(algo).__name__}")
+        policy = explore_policy(algo, explore, noise_scale=args.noise_scale, answer_top_k=args.answer_top_k)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -576,7 +638,7 @@ def main(argv=None) -> dict:
                                              seed=args.seed))
     report = {"checkpoint": str(ckpt), "algorithm": type(algo).__name__, "stage": algo.stage,
               "answer_format": algo.answer_format, "protocol": protocol, "runs": runs, "explore": explore,
-              "seed": args.seed, "split": args.split, "limit": args.limit, "environment": environment(device),
+              **policy, "seed": args.seed, "split": args.split, "limit": args.limit, "environment": environment(device),
               "results": results}
 
     print(f"{ckpt}: {report['algorithm']} stage {algo.stage}, {algo.answer_format} scoring; protocol {protocol}: "

@@ -39,7 +39,9 @@ Deliberate simplifications and choices, all [I] in the spec:
   * The deterministic (evaluation) branch 3.2 also divides by tau_g; at the default tau_g = 1 it is the official rule.
   * As the official code: a latent step whose top token is EOS ends the response (spec 10); old log-probs are
     recomputed by teacher forcing, not taken from the sampler; hard-token log-probs ignore the sampler's top-k/top-p
-    (spec 12.9); the log-ratio is clamped to +-20 before exp (verl), so a zero advantage never meets an infinite ratio.
+    (spec 12.9).
+  * Ours, not the official code's: the log-ratio is clamped to +-20 before exp, so that a zero advantage never meets
+    an infinite ratio (the official verl fork takes exp of the raw log-ratio).
   * `latent=False` is the explicit-CoT GRPO baseline: every step is a sampled token, and the Latent-GRPO fixes are
     off whatever their flags say (invalid masking, first-token selection; one-sided noise and FlipGrad have no
     latent steps to act on). Std-normalised group advantage, dual clip and token-mean stay: that is plain GRPO.
@@ -85,11 +87,18 @@ class Config:
     temperature: float = 0.6
     """Sampling temperature of answer tokens; hard-token log-probs use it too (spec 4)."""
     top_p: float = 0.95
-    """Nucleus mass for answer-token sampling."""
+    """Nucleus mass for answer-token sampling, measured on the full tempered law and intersected with the top-k
+    (SGLang's joint filter)."""
     answer_top_k: int = 30
     """Top-k for answer-token sampling in training rollouts (0 = off; the official eval uses none)."""
     max_response_length: int = 128
-    """Generation budget: latent and answer positions together (spec 3.3). Hitting it without EOS = truncated."""
+    """Generation budget: latent and answer positions together (spec 3.3). A response of exactly this length (EOS
+    counted) is truncated, as verl's is_clipped."""
+    # ---- the reward (spec 5) ----
+    train_reward: str = "verl-math"
+    """Training reward on the whole response decoded without special tokens (latent top-1 ids included):
+    verl-math = the official verl math.compute_score (last \\boxed{} only, exact after strip_string); math = the
+    lenient evaluation rule (boxed, else ####, else the last number; numbers within 1e-5)."""
     # ---- the objective (spec 5) ----
     epsilon: float = 0.2
     """PPO clip range below 1: ratios under 1 - epsilon are clipped (spec 5.3)."""
@@ -99,6 +108,11 @@ class Config:
     """c: for negative advantages the per-token loss is capped at -A * c (dual-clip PPO, spec 5.3)."""
     beta: float = 0.0
     """Coefficient of the k3 KL to the frozen reference (0 = off, as for GSM8K; the MATH script uses 0.001)."""
+    loss_agg: str = "token-mean"
+    """token-mean: one token mean over the mini-batch; micro-token-mean (official verl): the mean over consecutive
+    groups of --ppo-micro-batch-size rows of each group's token mean (independent of --micro-batch-size)."""
+    ppo_micro_batch_size: int = 2
+    """micro-token-mean: rows per token mean (verl's ppo_micro_batch_size_per_gpu: 2 for GSM8K, 1 for MATH)."""
     freeze_embedding: bool = True
     """Freeze the input embeddings and the LM head during RL (spec 5.4); they still train during the SFT init."""
     # ---- the three fixes (spec 6) ----
@@ -154,6 +168,11 @@ class Config:
             (self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0"),
             (self.dual_clip > 1, f"--dual-clip must be > 1 (got {self.dual_clip})"),
             (self.beta >= 0, f"--beta must be >= 0 (got {self.beta})"),
+            (self.loss_agg in ("token-mean", "micro-token-mean"),
+             f"--loss-agg must be token-mean or micro-token-mean (got {self.loss_agg})"),
+            (self.ppo_micro_batch_size >= 1, f"--ppo-micro-batch-size must be >= 1 (got {self.ppo_micro_batch_size})"),
+            (self.train_reward in ("verl-math", "math"),
+             f"--train-reward must be verl-math or math (got {self.train_reward})"),
             (self.c_latent >= 1, f"--c-latent must be >= 1 (got {self.c_latent})"),
             (self.latent_stages >= 0, f"--latent-stages must be >= 0 (got {self.latent_stages})"),
             (self.latent_init in ("latent-sft", "standin"),
@@ -180,10 +199,12 @@ class Rollout:
     token_ids: list[torch.Tensor]    # (L_i,) long: recorded id y_t of every position (latent: id_1 of its top-K)
     topk_ids: list[torch.Tensor]     # (num_latent_i, K) long: the K mixed ids of each latent step
     topk_scores: list[torch.Tensor]  # (num_latent_i, K) float: their perturbed scores g, sorted descending
-    texts: list[str]                 # decoded completion after the latent phase, no special tokens
+    texts: list[str]                 # what evaluation scores: the whole response (latent top-1 ids included)
+                                     # decoded with special tokens, the final stop token left out (spec 8)
+    reward_texts: list[str]          # what the training reward reads: the whole response, no special tokens
     num_latent: torch.Tensor         # (N,) long: latent steps taken
     lengths: torch.Tensor            # (N,) long: generated positions, latent and token together
-    truncated: torch.Tensor          # (N,) bool: hit max_response_length without EOS ("invalid", spec 6.1)
+    truncated: torch.Tensor          # (N,) bool: length == max_response_length, EOS counted ("invalid", 6.1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -252,14 +273,21 @@ def soft_embedding(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     return (weights.to(dtype).unsqueeze(-1) * embedding[ids].to(dtype)).sum(-2).to(embedding.dtype)
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """Ordinary sampling of the answer phase (spec 3.3): temperature, then top-k (0 = off), then top-p.
-    logits (N, V) -> ids (N,)."""
+def answer_law(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """The answer phase's sampling law (spec 3.3): temperature, then top-k (0 = off) and top-p jointly, as SGLang's
+    filter_apply_order="joint": the nucleus is measured on the full tempered law, then intersected with the top k (not
+    renormalised over the top k first). logits (N, V) -> unnormalised probabilities (N, C) of candidates (N, C)."""
     z = logits / temperature
     # candidates in descending order: the top-k when it is on (no full sort needed), else the whole vocabulary
-    z, order = z.topk(min(top_k, z.shape[-1]), dim=-1) if top_k else z.sort(-1, descending=True)
-    p = z.softmax(-1)
-    p = p.masked_fill((p.cumsum(-1) - p) >= top_p, 0.0)        # the top token always survives
+    head, order = z.topk(min(top_k, z.shape[-1]), dim=-1) if top_k else z.sort(-1, descending=True)
+    # p = softmax(z / T) over the whole vocabulary, read at the candidates
+    p = (head - z.logsumexp(-1, keepdim=True)).exp()
+    return p.masked_fill((p.cumsum(-1) - p) >= top_p, 0.0), order   # the top token always survives
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
+    """One draw from `answer_law` per row. logits (N, V) -> ids (N,)."""
+    p, order = answer_law(logits, temperature, top_p, top_k)
     return order.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
 
 
@@ -328,26 +356,39 @@ def first_token_selection(advantages: torch.Tensor, mean_old_logprob: torch.Tens
 # The objective (spec 5.3): a pure function on (N, L) tensors
 # ------------------------------------------------------------------------------------------------------------------
 
+def aggregate(x: torch.Tensor, valid: torch.Tensor, rows_per_mean: int = 0) -> torch.Tensor:
+    """Loss aggregation (spec 5.3) of x over `valid` (N, L). rows_per_mean 0: one token mean over every valid
+    position. rows_per_mean m: the rows in consecutive groups of m (the last may be shorter), a token mean inside
+    each, then the mean over groups (verl: token mean per micro-batch, gradients summed / number of micro-batches)."""
+    if not rows_per_mean:
+        return _masked_mean(x, valid)
+    N, L = x.shape
+    pad = (-N) % rows_per_mean                        # padded rows have no valid position
+    sums = F.pad(x * valid, (0, 0, 0, pad)).view(-1, rows_per_mean * L).sum(-1)
+    counts = F.pad(valid.to(x.dtype), (0, 0, 0, pad)).view(-1, rows_per_mean * L).sum(-1)
+    return (sums / counts).mean()
+
+
 def dual_clip_loss(logprobs, old_logprobs, ref_logprobs, A, valid, epsilon: float, epsilon_high: float,
-                   dual_clip: float, beta: float):
-    """Dual-clip PPO loss, token-mean over `valid` (N, L), plus beta * k3 KL when beta > 0. A (N, L).
+                   dual_clip: float, beta: float, rows_per_mean: int = 0):
+    """Dual-clip PPO loss aggregated over `valid` (N, L) by `aggregate`, plus beta * k3 KL when beta > 0. A (N, L).
     -> loss, kl (0 when beta = 0), clip ratio: tensors only (no .item()), so torch.compile takes it as one graph."""
-    # r_t = exp(l_t(theta) - l_t(theta_old)); the log-ratio is clamped to +-20 as in verl, so that an
-    # advantage of 0 never meets an infinite ratio
+    # r_t = exp(l_t(theta) - l_t(theta_old)); the log-ratio is clamped to +-20 (ours; the official code does not
+    # clamp), so that an advantage of 0 never meets an infinite ratio
     ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     # l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
     l1, l2 = -A * ratio, -A * ratio.clamp(1 - epsilon, 1 + epsilon_high)
     per_token = torch.maximum(l1, l2)
     # dual clip: if A < 0, l = min(l, -A c)
     per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
-    loss = _masked_mean(per_token, valid)
+    loss = aggregate(per_token, valid, rows_per_mean)
     kl = logprobs.new_zeros(())
     if beta > 0:
         # k3: kl = exp(l_ref - l) - (l_ref - l) - 1, clamped to [-10, 10]
         d = ref_logprobs - logprobs
-        kl = _masked_mean((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid)
+        kl = aggregate((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid, rows_per_mean)
         loss = loss + beta * kl
-    return loss, kl, _masked_mean((l2 > l1).float(), valid)
+    return loss, kl, aggregate((l2 > l1).float(), valid, rows_per_mean)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -411,7 +452,7 @@ class LatentGRPO:
     """Latent-GRPO behind the project's algorithm interface (the interface is in README.md)."""
 
     Config = Config
-    answer_format = "math"   # last \\boxed{}, else after ####, else the last number
+    answer_format = "math"   # evaluation: last \\boxed{}, else after ####, else the last number
     eval_protocol = "latent-grpo"   # eval.PROTOCOLS: this paper's evaluation (runs, explore)
     # the loop's defaults this method changes: the surrogate density needs a smaller step than Dropout-GRPO
     train_defaults = {"learning_rate": 3e-5}
@@ -442,6 +483,9 @@ class LatentGRPO:
         # end-of-latent id = the FIRST sub-token of </think> (spec 3, end_id), looked up, never hard-coded
         self.end_id = tokenizer.encode(END_THINK, add_special_tokens=False)[0]
         self.eos_id = tokenizer.eos_token_id
+        self.train_reward = cfg.train_reward   # the eval.REWARDS rule train.py scores rollouts with (spec 5)
+        # generation stops on any of the model's end ids (LLaMA-3 has several), as the official SGLang sampler
+        self.eos_ids = torch.tensor(sorted(eos_ids(model, tokenizer)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         # stage 0 is CoT SFT; then Latent-SFT's 1a, 1b, 1c, 2 (latent_sft.STAGES) or the stand-in's curriculum
         self.sft = None
@@ -473,7 +517,7 @@ class LatentGRPO:
             messages = [{"role": "user", "content": text}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # the first generated position must be the first latent step (spec 2, 12.6)
-        return text if text.endswith(THINK) else text + THINK
+        return text if text.rstrip().endswith(THINK) else text + THINK
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -633,7 +677,7 @@ class LatentGRPO:
             tokens[:, t] = y
             lengths += active
             num_latent += soft                              # finished rows are never in latent mode
-            done |= active & (y == self.eos_id)
+            done |= active & torch.isin(y, self.eos_ids.to(dev))
             in_latent &= soft & ~done & (num_latent < latent_cap)   # leaving latent mode is permanent
             if done.all() or t == budget - 1:
                 break
@@ -644,19 +688,21 @@ class LatentGRPO:
             position = position + 1
             z = _fp32((_compiled_step if compiled else _step)(model, x[:, None], mask, position, cache)[:, -1])
 
-        tokens, topk_ids, topk_scores = tokens.cpu(), topk_ids.cpu(), topk_scores.cpu()
+        tokens, topk_ids, topk_scores, done = tokens.cpu(), topk_ids.cpu(), topk_scores.cpu(), done.cpu()
         lengths, num_latent = lengths.cpu(), num_latent.cpu()
         token_ids = [tokens[i, :lengths[i]] for i in range(N)]
-        answers = [token_ids[i][num_latent[i]:].tolist() for i in range(N)]
+        # the evaluation text leaves out the stop token that ended a row (SGLang's output text trims it)
+        ended = [token_ids[i][:int(lengths[i]) - int(done[i])].tolist() for i in range(N)]
         return Rollout(
             prompt_ids=[p for p in prompts for _ in range(G)],
             token_ids=token_ids,
             topk_ids=[topk_ids[i, :num_latent[i]] for i in range(N)],
             topk_scores=[topk_scores[i, :num_latent[i]] for i in range(N)],
-            texts=self.tokenizer.batch_decode(answers, skip_special_tokens=True),
+            texts=self.tokenizer.batch_decode(ended, skip_special_tokens=False),
+            reward_texts=self.tokenizer.batch_decode([t.tolist() for t in token_ids], skip_special_tokens=True),
             num_latent=num_latent,
             lengths=lengths,
-            truncated=~done.cpu(),
+            truncated=lengths == budget,
         )
 
     # ---- log-probabilities (spec 4) ----
@@ -733,14 +779,15 @@ class LatentGRPO:
     # ---- objective (spec 5.3) ----
 
     def loss(self, logprobs, old_logprobs, ref_logprobs, advantages, rollout: Rollout):
-        """Dual-clip PPO loss, token-mean over every valid position (latent and hard alike, truncated included)."""
+        """Dual-clip PPO loss over every valid position (latent and hard alike, truncated included), aggregated by
+        --loss-agg: one token mean, or the mean of per-micro-batch token means (consecutive rows of `rollout`)."""
         cfg = self.cfg
         N, L = logprobs.shape
         valid = (torch.arange(L) < rollout.lengths[:, None]).to(logprobs.device)
         A = advantages[:, :L].to(logprobs.device).expand(N, L)
         objective = _compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
         loss, kl, clip_ratio = objective(logprobs, old_logprobs, ref_logprobs, A, valid, cfg.epsilon,
-                                         cfg.epsilon_high, cfg.dual_clip, cfg.beta)
+                                         cfg.epsilon_high, cfg.dual_clip, cfg.beta, self.rows_per_mean)
         masked_invalid = rollout.truncated.float().mean().item() if cfg.invalid_mask and cfg.latent else 0.0
         return loss, {
             "clip_ratio": clip_ratio.item(),
@@ -749,9 +796,18 @@ class LatentGRPO:
             "adv/frac_masked_invalid": masked_invalid,
         }
 
+    @property
+    def rows_per_mean(self) -> int:
+        """Rows per token mean of the loss: 0 = the whole batch (token-mean), else --ppo-micro-batch-size. A
+        --micro-batch-size chunk must hold whole groups of these rows (train.py checks loss_row_multiple)."""
+        return self.cfg.ppo_micro_batch_size if self.cfg.loss_agg == "micro-token-mean" else 0
+
     def loss_normaliser(self, rollout: Rollout) -> float:
-        """What `loss` divides by: its token mean runs over every valid position of the batch (5.3). train.py weights
-        a micro-batch's loss by its share of the mini-batch's normaliser, so the accumulated gradient is the same."""
+        """What `loss` divides by (5.3): token-mean, every valid position of the batch; micro-token-mean, its number
+        of row groups. train.py weights a micro-batch's loss by its share of the mini-batch's normaliser, so the
+        accumulated gradient is the same."""
+        if self.rows_per_mean:
+            return float(math.ceil(len(rollout.lengths) / self.rows_per_mean))
         return float(rollout.lengths.sum())
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
@@ -765,6 +821,16 @@ class LatentGRPO:
             "latent/never_exited": (rollout.num_latent == rollout.lengths).float().mean().item(),
             "latent/topk_entropy": torch.special.entr(w).sum(-1).mean().item() if len(w) else 0.0,
         }
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every end-of-sequence id: the model's generation_config.eos_token_id and config.eos_token_id (an id or a
+    list) and the tokenizer's."""
+    found = {tokenizer.eos_token_id}
+    for source in (getattr(model, "generation_config", None), model.config):
+        ids = getattr(source, "eos_token_id", None)
+        found |= set(ids) if isinstance(ids, (list, tuple)) else {ids}
+    return found - {None}
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int):

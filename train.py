@@ -211,6 +211,8 @@ PRESETS = {
             "learning_rate": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0,   # §7: constant lr, AdamW
             "epsilon": 0.2, "epsilon_high": 0.2, "dual_clip": 3.0, "beta": 0.0,  # §7: clip 0.2 / 0.2 / 3.0, no KL
             "top_k": 10, "top_p_latent": 0.95,               # §7: K 10, latent nucleus 0.95
+            "train_reward": "verl-math",                     # §7: verl's math.compute_score on the whole response
+            "loss_agg": "micro-token-mean", "ppo_micro_batch_size": 2,   # §7: verl's per-micro-batch token means
             "noise_scale": 1.0, "one_sided": True, "gumbel_temperature": 1.0,    # §7: noise on, one-sided, s 1, tau 1
             "temperature": 0.6, "top_p": 0.95, "answer_top_k": 30,               # §7: answer phase
             "max_response_length": 128,                      # §7
@@ -631,13 +633,15 @@ def run_sft(args, algo, model, train, test, logger, state, save):
 def rollout_batch(args, algo, model, train, generator, data_rng):
     """One GRPO batch of whole groups, with dynamic sampling if asked: (rollout, rewards (P, G), metrics)."""
     G = args.num_generations
-    reward_fn = evaluation.REWARDS[algo.answer_format]
+    # the algorithm's training reward when it names one (Latent-GRPO: verl's, on the whole response), else its eval rule
+    reward_fn = evaluation.REWARDS[getattr(algo, "train_reward", algo.answer_format)]
     kept, kept_rewards, seen_rewards, num_batches = [], [], [], 0
     while True:
         batch = data_rng.sample(train, args.num_prompts)
         with precision(args, model):
             rollout = algo.rollout(model, [r["question"] for r in batch], G, generator)
-        rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in zip((r for r in batch for _ in range(G)), rollout.texts)])
+        texts = getattr(rollout, "reward_texts", rollout.texts)
+        rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in zip((r for r in batch for _ in range(G)), texts)])
         rewards = rewards.view(len(batch), G)
         seen_rewards.append(rewards)
         num_batches += 1
@@ -816,6 +820,11 @@ def main(argv=None) -> dict:
         algo = algo_cls(model, tokenizer, algo_cfg, add_tokens=trains_init and not resuming)
     except ValueError as e:
         raise UserError(str(e)) from None
+    # a loss that takes token means over groups of rows (Latent-GRPO's micro-token-mean) needs whole groups per chunk
+    rows = getattr(algo, "rows_per_mean", 0)
+    if rows and args.micro_batch_size % rows:
+        raise UserError(f"--micro-batch-size ({args.micro_batch_size}) must be a multiple of the loss's rows per token "
+                        f"mean (--ppo-micro-batch-size {rows})")
     model.to(device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -104,7 +104,7 @@ def test_math_reward(text, gold, reward):
 
 
 def test_reward_registry():
-    assert ev.REWARDS == {"coconut": ev.coconut_reward, "math": ev.math_reward}
+    assert ev.REWARDS == {"coconut": ev.coconut_reward, "math": ev.math_reward, "verl-math": ev.verl_math_reward}
 
 
 @settings(deadline=None, max_examples=60)
