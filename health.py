@@ -5,7 +5,7 @@ on every logged SFT loss.
 
 Each check returns None or a `Problem`; `fatal` problems stop the run (train.UserError) unless --allow-degenerate
 true, the others are printed as warnings. Fatal are the states in which GRPO cannot learn at all: no row leaves latent
-mode (every advantage of a truncated row is masked, the gradient is 0) and a non-finite SFT loss (the weights are
+mode from a checkpoint's initialisation (every advantage of a truncated row is masked, the gradient is 0) and a non-finite SFT loss (the weights are
 NaN). Every-row-truncated evaluations, a rising SFT loss, and long runs of zero-variance or identical groups are
 warnings: they can recover, and on a hard task at the start of RL they are expected for a while.
 """
@@ -21,15 +21,17 @@ class Problem:
     fatal: bool
 
 
-def check_eval(result: dict, name: str, budget_flag: str) -> Problem | None:
-    """An evaluation's result (eval.evaluate): never-exited latent rows, then every / most rows truncated."""
+def check_eval(result: dict, name: str, budget_flag: str, trained_here: bool = False) -> Problem | None:
+    """An evaluation's result (eval.evaluate): never-exited latent rows, then every / most rows truncated. Never
+    exiting is fatal for a run that starts GRPO from a checkpoint (its end id is what it is); a run that trains its
+    initialisation may be short of SFT steps, and is warned."""
     never, truncated = result.get("frac_never_exited", 0.0), result.get("frac_truncated", 0.0)
     if result["mean_latent_steps"] > 0 and never == 1.0 and truncated == 1.0:
         return Problem(
             f"{name}: no output left latent mode (every position latent, every row truncated): the model never "
             f"predicts the end-of-latent id. A tokenizer that splits </think> on a model without latent training "
             f"does this; train the latent initialisation here (--cot-steps/--sft-steps > 0, which add the tokens) or "
-            f"start from a latent checkpoint", fatal=True)
+            f"start from a latent checkpoint", fatal=not trained_here)
     if truncated == 1.0:
         return Problem(f"{name}: every output was truncated: no answer reached EOS within {budget_flag}; raise "
                        f"{budget_flag} (GSM8K needs ~256 tokens for an explicit chain of thought)", fatal=False)

@@ -541,7 +541,7 @@ def evaluate(algo, model, records, args: Args, name: str) -> dict:
     length = "all truncated" if result["mean_length"] is None else f"{result['mean_length']:.1f}"
     tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
                f"length {length}")
-    report(args, [health.check_eval(result, name, budget_flag(algo))])  # health: never left latent mode, truncated
+    report(args, [health.check_eval(result, name, budget_flag(algo), args.cot_steps > 0 or args.sft_steps > 0)])  # health: never left latent mode, truncated
     return result
 
 

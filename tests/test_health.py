@@ -18,6 +18,7 @@ def test_never_leaving_latent_mode_is_fatal_and_stops_the_run():
     with pytest.raises(train.UserError, match="--allow-degenerate"):
         train.report(train.Args(), [problem])
     train.report(train.Args(allow_degenerate=True), [problem])  # goes on
+    assert not health.check_eval(result(never=1.0, truncated=1.0), "init", "--max-response-length", True).fatal
 
 
 def test_truncation_warns_and_healthy_is_silent():
