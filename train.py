@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 import data
 import eval as evaluation
+import health
 
 
 @dataclass
@@ -170,6 +171,9 @@ class Args:
     """Write a checkpoint every this many GRPO steps (always at the end)."""
     batch_size_eval: int = 100
     """Questions per generation batch at evaluation."""
+    allow_degenerate: bool = False
+    """Go on when a run is degenerate (no output leaves latent mode, a non-finite SFT loss; health.py) instead of
+    stopping with the cause and the fix."""
 
 
 # A preset is one paper's run on one GPU: the defaults it gives loop (Args) and algorithm (Config) fields, and the
@@ -264,7 +268,7 @@ class UserError(Exception):
 def parse_args(argv=None):
     """Two passes: --algo and --preset first, so that --help lists exactly the chosen algorithm's knobs, with the
     preset's values as their defaults."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --p is not --preset
     pre.add_argument("--algo")
     pre.add_argument("--preset", default=Args.preset)
     known, _ = pre.parse_known_args(argv)
@@ -280,7 +284,8 @@ def parse_args(argv=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         epilog="presets (--preset NAME):\n" + "\n".join(f"  {name:<26}{p['help']}" for name, p in PRESETS.items())
         + "\n\nmemory: --bf16, --gradient-checkpointing, --micro-batch-size; the frozen reference model (a second copy "
           "of the weights) is built only when --beta > 0.",
@@ -558,12 +563,27 @@ class Logger:
         self.file.flush()
 
 
+def report(args: Args, problems) -> None:
+    """health.py's findings: a warning line each; a fatal one stops the run unless --allow-degenerate."""
+    for problem in problems:
+        if problem is None:
+            continue
+        if problem.fatal and not args.allow_degenerate:
+            raise UserError(problem.message + " (--allow-degenerate true to go on anyway)")
+        tqdm.write(f"warning: {problem.message}")
+
+
+def budget_flag(algo) -> str:
+    return next(f"--{n.replace('_', '-')}" for n in ("max_response_length", "max_new_tokens") if hasattr(algo.cfg, n))
+
+
 def evaluate(algo, model, records, args: Args, name: str) -> dict:
     with precision(args, model):
         result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval, seed=args.seed)
     length = "all truncated" if result["mean_length"] is None else f"{result['mean_length']:.1f}"
     tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
                f"length {length}")
+    report(args, [health.check_eval(result, name, budget_flag(algo), args.cot_steps > 0 or args.sft_steps > 0)])  # health: never left latent mode, truncated
     return result
 
 
@@ -606,6 +626,7 @@ def run_sft(args, algo, model, train, test, logger, state, save):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule,
                                                                           warmup=args.sft_warmup))
         bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
+        losses, warned = [], False
         for step in bar:
             if args.sft_reset_every and step and step % args.sft_reset_every == 0:   # Coconut's reset_optimizer
                 opt.state.clear()
@@ -620,6 +641,11 @@ def run_sft(args, algo, model, train, test, logger, state, save):
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 logger.log({"phase": "sft", "stage": stage, "step": step, "loss": loss.item()})
+                losses.append(loss.item())
+                problem = health.check_sft(losses, stage)  # health: SFT loss non-finite or rising (warned once)
+                if problem and (problem.fatal or not warned):
+                    report(args, [problem])
+                    warned = True
         model.eval()
         if stage == 0:
             cot = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")
@@ -755,6 +781,7 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
         generator.set_state(state["generator"])
         data_rng.setstate(state["data_rng"])
     bar = tqdm(range(state["rl_step"], args.max_steps), desc="grpo", initial=state["rl_step"], total=args.max_steps)
+    watch = health.RLWatch()
     for step in bar:
         t0 = time.perf_counter()
         rollout, rewards, metrics = rollout_batch(args, algo, model, train, generator, data_rng)
@@ -769,6 +796,8 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
             })
         metrics["time/step"] = time.perf_counter() - t0
         add_seconds(state, "grpo", metrics["time/step"])
+        # health: zero reward variance / identical completions in every group, step after step
+        report(args, watch.update(metrics["frac_reward_zero_std"], rollout and rollout.texts, args.num_generations))
         state["rl_step"] = step + 1
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             t1 = time.perf_counter()
