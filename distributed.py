@@ -15,9 +15,9 @@ Hugging Face model's own methods (`get_input_embeddings`, `config`, `device`), r
 --parallel fsdp shards weights, gradients and AdamW states with FSDP2 (`fully_shard` on every decoder layer, then on
 the whole model, which keeps the embeddings, final norm and head). `fully_shard` changes the model's class in place,
 so the model object, its methods and the forward hooks on its inner modules stay as they are. Rollouts, log-prob
-passes and evaluation run on the gathered weights (`gathered`: one all-gather per phase, not one per decoding step);
-the update gathers only the root's own weights (the embeddings, which the algorithms read outside a forward call) and
-lets each decoder layer gather itself in its forward and backward pass.
+passes, the update and evaluation run on the gathered weights (`gathered`: one all-gather per phase, not one per
+decoding step): the algorithms read the embeddings outside a forward call, and Dropout-GRPO runs many forward calls
+per backward pass, which per-layer resharding after each call would break. Gradients and AdamW states stay sharded.
 """
 from __future__ import annotations
 
@@ -131,6 +131,9 @@ def wrap(model, parallel: str):
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
+        # FSDP2 sets itself up at the first forward call, which would replace weights the algorithms already read
+        # outside a forward call (a latent SFT step takes the embedding matrix before its first forward)
+        fully_shard.state(model)._lazy_init()
     else:
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
@@ -169,6 +172,7 @@ def gathered(model, layers: bool = True):
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if layers else [model]
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
     try:
         yield
@@ -176,6 +180,7 @@ def gathered(model, layers: bool = True):
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
 
 
 def grad_norm_value(norm) -> torch.Tensor:

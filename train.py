@@ -560,7 +560,7 @@ def run_sft(args, algo, model, train, test, logger, state, save):
             opt.zero_grad(set_to_none=True)
             weight = sft_weight(algo, batch)
             with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing), \
-                    distributed.gathered(model, layers=False):
+                    distributed.gathered(model):
                 loss = algo.sft_loss(model, batch)
                 (loss * weight).backward()
             distributed.average_gradients(model)  # torchrun
@@ -674,7 +674,7 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
                 weight = 1.0 if total is None else algo.loss_normaliser(mb) / total
                 idx = torch.tensor(part, device=old.device)
                 with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing), \
-                        distributed.gathered(model, layers=False):
+                        distributed.gathered(model):
                     new = algo.logprobs(model, mb, advantages=adv[idx])
                     L = new.shape[1]  # column t is response step t, so a micro-batch is the first L columns of its rows
                     loss, stats = algo.loss(new, old[idx, :L], None if ref is None else ref[idx, :L],
