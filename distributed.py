@@ -131,9 +131,6 @@ def wrap(model, parallel: str):
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
-        # FSDP2 sets itself up at the first forward call, which would replace weights the algorithms already read
-        # outside a forward call (a latent SFT step takes the embedding matrix before its first forward)
-        fully_shard.state(model)._lazy_init()
     else:
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
