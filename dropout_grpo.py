@@ -591,6 +591,10 @@ class DropoutGRPO:
         return F.cross_entropy(_wide(logits[:, :-1]).flatten(0, 1), labels[:, P + n + 1:].flatten(),
                                ignore_index=-100)
 
+    def sft_normaliser(self, batch: dict[str, Tensor]) -> float:
+        """What `sft_loss` divides by: its labelled positions (train.py sums it over ranks under torchrun)."""
+        return float((batch["labels"] != -100).sum())
+
     # ---- §3.4 rollout --------------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -54,6 +54,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import distributed
 from data import load_records, parse_field_map
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,22 +334,27 @@ def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool =
     P = len(records)
 
     # One entry per run; inside, one entry per problem: texts[r][i] is run r's completion of problem i.
+    # torchrun: each rank generates its share of the problems (all of them in one process), then all are gathered
+    mine = distributed.share(questions)
     texts, num_latent, lengths, truncated = [], [], [], []
-    bar = tqdm(total=runs * P, desc="eval", leave=False)
+    bar = tqdm(total=runs * len(mine), desc="eval", leave=False, disable=not distributed.is_main())
     for r in range(runs):
         generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed + r)
+        generator.manual_seed(distributed.seed(seed + r))
         outs = []
-        for start in range(0, P, batch_size):
-            batch = questions[start : start + batch_size]
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
             outs.append(algo.generate(model, batch, explore, generator))
             if len(outs[-1].texts) != len(batch):
                 raise RuntimeError(f"{type(algo).__name__}.generate gave {len(outs[-1].texts)} rows for {len(batch)}")
             bar.update(len(batch))
-        texts.append([t for o in outs for t in o.texts])
-        num_latent.append(torch.cat([o.num_latent.cpu() for o in outs]))
-        lengths.append(torch.cat([o.lengths.cpu() for o in outs]))
-        truncated.append(torch.cat([o.truncated.cpu() for o in outs]))
+        per_row = zip([t for o in outs for t in o.texts], *(torch.cat([getattr(o, f).cpu() for o in outs]).tolist()
+                                                          for f in ("num_latent", "lengths", "truncated")))
+        run_texts, run_latent, run_len, run_truncated = zip(*distributed.gather_shares(list(per_row), P))
+        texts.append(list(run_texts))
+        num_latent.append(torch.tensor(run_latent))
+        lengths.append(torch.tensor(run_len))
+        truncated.append(torch.tensor(run_truncated))
     bar.close()
     num_latent, lengths, truncated = torch.stack(num_latent), torch.stack(lengths), torch.stack(truncated)  # (runs, P)
 
@@ -607,6 +613,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def main(argv=None) -> dict:
+    distributed.init()  # torchrun: the questions are shared out over the ranks (a no-op in one process)
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     try:
@@ -615,7 +622,8 @@ def main(argv=None) -> dict:
             raise ValueError(f"--out: directory {out.parent} does not exist")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = distributed.device(args.device)
+        device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         sets = load_data_sets(args.data, args.split, args.data_seed, parse_field_map(args.field_map), args.limit)
         algo, model, _ = load_checkpoint(ckpt, device)
         protocol, runs, explore = resolve_protocol(args.protocol, type(algo), args.runs, args.explore)
@@ -624,7 +632,8 @@ def main(argv=None) -> dict:
                              f"(dropout_grpo), got {type(algo).__name__}")
         policy = explore_policy(algo, explore, noise_scale=args.noise_scale, answer_top_k=args.answer_top_k)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
     results = {
@@ -640,6 +649,8 @@ def main(argv=None) -> dict:
               "answer_format": algo.answer_format, "protocol": protocol, "runs": runs, "explore": explore,
               **policy, "seed": args.seed, "split": args.split, "limit": args.limit, "environment": environment(device),
               "results": results}
+    if not distributed.is_main():  # torchrun: rank 0 alone reports and writes
+        return report
 
     print(f"{ckpt}: {report['algorithm']} stage {algo.stage}, {algo.answer_format} scoring; protocol {protocol}: "
           f"{runs} run{'s' * (runs > 1)}, explore {str(explore).lower()}")

@@ -593,6 +593,10 @@ class LatentGRPO:
         mask = b["target_mask"][:, 1:]
         return (ce * mask).sum() / mask.sum()
 
+    def sft_normaliser(self, batch) -> float:
+        """What `sft_loss` divides by: its target positions (train.py sums it over ranks under torchrun)."""
+        return float(batch["target_mask"][:, 1:].sum())
+
     # ---- RL; the model is in eval() mode from here on ----
 
     def start_rl(self, model):

@@ -54,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import distributed
 import eval as evaluation
 import health
 
@@ -95,6 +96,9 @@ class Args:
     """CPU threads for torch. The tiny default is overhead-bound: 1 thread is fastest; 0 = torch's default."""
     resume: bool = False
     """Continue from --out/checkpoint if it exists (same config), instead of starting over."""
+    parallel: str = "ddp"
+    """Under torchrun: `ddp` (every rank holds the whole model; gradients averaged) or `fsdp` (weights, gradients
+    and AdamW states sharded with FSDP2, per decoder layer). Ignored in one process."""
     # --- memory, for real model sizes on one GPU ---
     bf16: bool = False
     """Autocast to bfloat16 for SFT, rollouts, log-probs, update and evaluation (CUDA; allowed on CPU, where it saves
@@ -325,6 +329,12 @@ def check_args(args: Args) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.init_from and args.algo != "dropout_grpo":
         raise UserError(f"--init-from loads a Coconut checkpoint, dropout_grpo's initialisation, not {args.algo}'s")
+    if args.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"--parallel must be ddp or fsdp, got {args.parallel!r}")
+    world = distributed.world()  # torchrun: whole groups and whole SFT examples per rank
+    if args.num_prompts % (world * args.num_mini_batches) or args.sft_batch_size % world:
+        raise UserError(f"--num-prompts ({args.num_prompts}) must be divisible by {world} ranks x --num-mini-batches "
+                        f"({args.num_mini_batches}), and --sft-batch-size ({args.sft_batch_size}) by {world} ranks")
     if args.gradient_checkpointing and args.algo == "dropout_grpo":
         raise UserError("--gradient-checkpointing does not work with dropout_grpo: its update replays the thoughts "
                         "through the KV cache, which checkpointed transformers layers drop (GPT-2 124M needs no "
@@ -533,9 +543,12 @@ def group_rows(groups: list[int], num_generations: int) -> list[int]:
 
 
 def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: dict, where: str = "checkpoint") -> None:
+    weights = distributed.full_state_dict(model)  # torchrun + fsdp: the whole model, gathered on rank 0
+    if not distributed.is_main():  # torchrun: rank 0 alone writes
+        return
     final = out / where
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
     tokenizer.save_pretrained(tmp)
     (tmp / "algorithm.json").write_text(json.dumps({"algo": name, "config": dataclasses.asdict(cfg), "stage": algo.stage}, indent=2))
     torch.save(state, tmp / "trainer_state.pt")
@@ -555,9 +568,11 @@ class Logger:
     """metrics.jsonl: one JSON object per line, flushed at once so a crashed run keeps its history."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        self.file = open(path, "a") if distributed.is_main() else None  # torchrun: rank 0 alone writes
 
     def log(self, record: dict) -> None:
+        if self.file is None:
+            return
         clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
@@ -578,10 +593,11 @@ def budget_flag(algo) -> str:
 
 
 def evaluate(algo, model, records, args: Args, name: str) -> dict:
-    with precision(args, model):
+    with precision(args, model), distributed.gathered(model):
         result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval, seed=args.seed)
     length = "all truncated" if result["mean_length"] is None else f"{result['mean_length']:.1f}"
-    tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
+    if distributed.is_main():
+        tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
                f"length {length}")
     report(args, [health.check_eval(result, name, budget_flag(algo), args.cot_steps > 0 or args.sft_steps > 0)])  # health: never left latent mode, truncated
     return result
@@ -625,23 +641,27 @@ def run_sft(args, algo, model, train, test, logger, state, save):
         opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(sft_lr_factor, steps=steps, schedule=args.sft_schedule,
                                                                           warmup=args.sft_warmup))
-        bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False)
+        bar = tqdm(range(steps), desc=f"sft stage {stage}", leave=False, disable=not distributed.is_main())
         losses, warned = [], False
         for step in bar:
             if args.sft_reset_every and step and step % args.sft_reset_every == 0:   # Coconut's reset_optimizer
                 opt.state.clear()
-            batch = algo.sft_batch(rng.sample(train, args.sft_batch_size), stage)
+            batch = algo.sft_batch(distributed.share(rng.sample(train, args.sft_batch_size)), stage)  # torchrun: a share
             opt.zero_grad(set_to_none=True)
-            with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
+            weight = sft_weight(algo, batch)
+            with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing), \
+                    distributed.gathered(model):
                 loss = algo.sft_loss(model, batch)
-                loss.backward()
+                (loss * weight).backward()
+            distributed.average_gradients(model)  # torchrun
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             sched.step()
             if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                logger.log({"phase": "sft", "stage": stage, "step": step, "loss": loss.item()})
-                losses.append(loss.item())
+                record = distributed.mean_metrics({"loss": loss.item()})
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                logger.log({"phase": "sft", "stage": stage, "step": step, **record})
+                losses.append(record["loss"])
                 problem = health.check_sft(losses, stage)  # health: SFT loss non-finite or rising (warned once)
                 if problem and (problem.fatal or not warned):
                     report(args, [problem])
@@ -657,14 +677,16 @@ def run_sft(args, algo, model, train, test, logger, state, save):
 
 
 def rollout_batch(args, algo, model, train, generator, data_rng):
-    """One GRPO batch of whole groups, with dynamic sampling if asked: (rollout, rewards (P, G), metrics)."""
+    """One GRPO batch of whole groups, with dynamic sampling if asked: (rollout, rewards (P, G), metrics).
+    Under torchrun each rank rolls out its share of every drawn batch and trains on the same number of groups."""
     G = args.num_generations
+    per_rank = args.num_prompts // distributed.world()
     # the algorithm's training reward when it names one (Latent-GRPO: verl's, on the whole response), else its eval rule
     reward_fn = evaluation.REWARDS[getattr(algo, "train_reward", algo.answer_format)]
     kept, kept_rewards, seen_rewards, num_batches = [], [], [], 0
     while True:
-        batch = data_rng.sample(train, args.num_prompts)
-        with precision(args, model):
+        batch = distributed.share(data_rng.sample(train, args.num_prompts))  # torchrun: whole groups per rank
+        with precision(args, model), distributed.gathered(model):
             rollout = algo.rollout(model, [r["question"] for r in batch], G, generator)
         texts = getattr(rollout, "reward_texts", rollout.texts)
         rewards = torch.tensor([reward_fn(t, r["answer"]) for r, t in zip((r for r in batch for _ in range(G)), texts)])
@@ -677,8 +699,8 @@ def rollout_batch(args, algo, model, train, generator, data_rng):
         if keep:
             kept.append(select_rows(rollout, group_rows(keep, G)) if len(keep) < len(batch) else rollout)
             kept_rewards.append(rewards[keep])
-        have = sum(len(r) for r in kept_rewards)
-        if not args.filter_groups or have >= args.num_prompts or num_batches >= args.max_num_gen_batches:
+        have = distributed.min_int(sum(len(r) for r in kept_rewards))  # torchrun: the fewest groups any rank kept
+        if not args.filter_groups or have >= per_rank or num_batches >= args.max_num_gen_batches:
             break
     seen = torch.cat(seen_rewards)
     kept_groups = sum(len(r) for r in kept_rewards)
@@ -689,11 +711,12 @@ def rollout_batch(args, algo, model, train, generator, data_rng):
         "frac_reward_zero_std": (seen.std(dim=1) == 0).float().mean().item(),
         "gen_batches": num_batches,
     }
-    if not kept:
+    if not have:  # torchrun: no rank trains unless every rank kept a group
         return None, None, metrics
     rollout, rewards = concat_rollouts(kept), torch.cat(kept_rewards)
-    if len(rewards) > args.num_prompts:
-        rollout, rewards = select_rows(rollout, group_rows(list(range(args.num_prompts)), G)), rewards[: args.num_prompts]
+    if len(rewards) > min(have, per_rank):  # torchrun: as many groups on every rank
+        keep = min(have, per_rank)
+        rollout, rewards = select_rows(rollout, group_rows(list(range(keep)), G)), rewards[:keep]
     return rollout, rewards, metrics
 
 
@@ -701,6 +724,15 @@ def micro_batches(rows: list[int], size: int) -> list[list[int]]:
     """`rows` in consecutive chunks of `size` (0 = one chunk): the rows of one forward / backward."""
     size = size or len(rows)
     return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def sft_weight(algo, batch) -> float:
+    """torchrun: the SFT loss is a token mean over the global batch, so each rank's mean counts with its share of
+    the tokens, times the number of ranks since the gradients are averaged. 1 in one process."""
+    if distributed.world() == 1:
+        return 1.0
+    n = algo.sft_normaliser(batch)
+    return distributed.world() * n / distributed.sum_float(n)
 
 
 def batched_logprobs(args, algo, model, rollout):
@@ -719,7 +751,7 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
     micro-batches of --micro-batch-size rows."""
     G = args.num_generations
     t0 = time.perf_counter()
-    with torch.no_grad(), precision(args, model):
+    with torch.no_grad(), precision(args, model), distributed.gathered(model):
         old = batched_logprobs(args, algo, model, rollout)  # (N, L): recomputed, never trusted from the sampler
         ref = batched_logprobs(args, algo, ref_model, rollout) if ref_model is not None else None
     adv = algo.advantages(rewards.to(old.device), rollout, old)  # (N, L) or (N, 1)
@@ -734,13 +766,16 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
             # the loss is normalised over the whole mini-batch, so a micro-batch's loss, normalised over its own rows,
             # counts with its share of the mini-batch's normaliser: the summed gradients are the mini-batch's
             total = algo.loss_normaliser(select_rows(rollout, rows)) if len(chunks) > 1 else None
+            if distributed.world() > 1:  # torchrun: the normaliser of the global mini-batch; x world for the average
+                total = distributed.sum_float(algo.loss_normaliser(select_rows(rollout, rows))) / distributed.world()
             opt.zero_grad(set_to_none=True)
             metrics = {}
             for part in chunks:
                 mb = rollout if len(part) == len(old) else select_rows(rollout, part)
                 weight = 1.0 if total is None else algo.loss_normaliser(mb) / total
                 idx = torch.tensor(part, device=old.device)
-                with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing):
+                with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing), \
+                        distributed.gathered(model):
                     new = algo.logprobs(model, mb, advantages=adv[idx])
                     L = new.shape[1]  # column t is response step t, so a micro-batch is the first L columns of its rows
                     loss, stats = algo.loss(new, old[idx, :L], None if ref is None else ref[idx, :L],
@@ -748,7 +783,9 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
                     (loss * weight).backward()
                 for k, v in {"loss": loss.item(), **stats}.items():  # mini-batch metrics: the same weighted sum
                     metrics[k] = metrics.get(k, 0.0) + weight * float(v)
+            distributed.average_gradients(model)  # torchrun
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            grad_norm = distributed.grad_norm_value(grad_norm)
             if torch.isfinite(grad_norm):
                 opt.step()
             metrics["grad_norm"] = grad_norm.item()
@@ -770,17 +807,18 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if (out / "reference").exists():  # resumed: the reference is the model as it was when RL started
             ref_model.load_state_dict(torch.load(out / "reference" / "weights.pt", map_location=model.device))
-        else:
+        elif distributed.is_main():
             (out / "reference").mkdir()
             torch.save(ref_model.state_dict(), out / "reference" / "weights.pt")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    data_rng = random.Random(args.seed + 1)
+    generator = torch.Generator(device=model.device).manual_seed(distributed.seed(args.seed))  # torchrun: per rank
+    data_rng = random.Random(args.seed + 1)  # the same on every rank, which take their shares of each batch
     if "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        distributed.load_optimizer_state(model, opt, state["optimizer"])
+        generator.set_state(state["generator"] if distributed.world() == 1 else state["generator"][distributed.rank()])
         data_rng.setstate(state["data_rng"])
-    bar = tqdm(range(state["rl_step"], args.max_steps), desc="grpo", initial=state["rl_step"], total=args.max_steps)
+    bar = tqdm(range(state["rl_step"], args.max_steps), desc="grpo", initial=state["rl_step"], total=args.max_steps,
+               disable=not distributed.is_main())
     watch = health.RLWatch()
     for step in bar:
         t0 = time.perf_counter()
@@ -795,6 +833,7 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
                 **grpo_step(args, algo, model, ref_model, opt, rollout, rewards),
             })
         metrics["time/step"] = time.perf_counter() - t0
+        metrics = distributed.mean_metrics(metrics)  # torchrun: over ranks, before logging
         add_seconds(state, "grpo", metrics["time/step"])
         # health: zero reward variance / identical completions in every group, step after step
         report(args, watch.update(metrics["frac_reward_zero_std"], rollout and rollout.texts, args.num_generations))
@@ -809,17 +848,21 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
         logger.log({"phase": "rl", "step": step + 1, **metrics})
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", zero_std=f"{metrics['frac_reward_zero_std']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            state.update(optimizer=opt.state_dict(), generator=generator.get_state(), data_rng=data_rng.getstate())
+            state.update(optimizer=distributed.optimizer_state(model, opt), data_rng=data_rng.getstate(),
+                         generator=distributed.per_rank(generator.get_state()))  # torchrun: every rank's
             save(state)
 
 
 def main(argv=None) -> dict:
     t_start = time.time()
+    distributed.init()  # torchrun: join the process group (a no-op in one process)
     args, algo_cls, algo_cfg = parse_args(argv)
     check_args(args)
+    if distributed.world() > 1 and args.parallel == "fsdp" and getattr(algo_cfg, "beta", 0.0) > 0:
+        raise UserError("--parallel fsdp with --beta > 0: the reference model is not sharded yet; use --parallel ddp")
     if args.init_from:  # the Coconut checkpoint is the latent model: no SFT, GRPO at the last stage (run_sft)
         args = dataclasses.replace(args, cot_steps=0, sft_steps=0)
-    device = pick_device(args.device)
+    device = pick_device(distributed.device(args.device))
     if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
     if args.threads:
@@ -859,16 +902,20 @@ def main(argv=None) -> dict:
         enable_gradient_checkpointing(model)
     if resuming:
         algo.stage = json.loads((out / "checkpoint" / "algorithm.json").read_text())["stage"]
+    model = distributed.wrap(model, args.parallel)  # torchrun: replicated (ddp) or sharded (fsdp), in place
+    distributed.barrier()  # torchrun: every rank has checked --out before rank 0 writes into it
 
     # Everything the user asked for is valid: only now is anything written.
     out.mkdir(parents=True, exist_ok=True)
     config = {"args": dataclasses.asdict(args), "algo_config": dataclasses.asdict(algo_cfg),
               "environment": evaluation.environment(device), "argv": sys.argv[1:] if argv is None else list(argv)}
-    evaluation.write_json_atomic(out / "config.json", config)
+    if distributed.is_main():
+        evaluation.write_json_atomic(out / "config.json", config)
     logger = Logger(out / "metrics.jsonl")
     save = lambda s, where="checkpoint": save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s, where)
-    print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train)} train / {len(val)} validation / {len(test)} eval questions -> {out}")
+    if distributed.is_main():
+        print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train)} train / {len(val)} validation / {len(test)} eval questions -> {out}")
 
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
@@ -921,6 +968,8 @@ def main(argv=None) -> dict:
         **best,
         "environment": config["environment"],
     }
+    if not distributed.is_main():
+        return summary
     evaluation.write_json_atomic(out / "summary.json", summary)
     width = max(map(len, summary))
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in summary.items()
@@ -934,5 +983,6 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():  # torchrun: every rank stops, one says why
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

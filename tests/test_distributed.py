@@ -1,0 +1,205 @@
+"""torchrun's arithmetic on CPU: 2 gloo processes against one process on the same global batch (float64).
+
+One spawn per --parallel mode runs every case, since starting the processes costs more than the cases."""
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
+
+import distributed
+import eval as evaluation
+import train
+
+WORLD = 2
+TINY = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--num-prompts", "4", "--num-generations", "2",
+        "--sft-batch-size", "4", "--dropout", "0", "--learning-rate", "1.0", "--max-grad-norm", "1e9"]
+ALGO_TINY = {"dropout_grpo": ["--max-new-tokens", "6"],
+             "latent_grpo": ["--max-response-length", "6", "--latent-stages", "1", "--invalid-mask", "false"]}
+ALGOS = list(ALGO_TINY)
+QUESTIONS = ["Ann has 3 pens. How many pens now?", "Ben has 2 cards. How many cards now?",
+             "Cat has 5 cups. How many cups now?", "Dan has 4 hats. How many hats now?"]
+REWARDS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+
+
+def setup(algo: str):
+    """The same float64 model, algorithm and (pre-made) rollout in every process."""
+    args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo]])
+    torch.manual_seed(0)
+    model, tokenizer = train.build_model(args, args.model)
+    method = algo_cls(model, tokenizer, cfg, add_tokens=True)
+    model.double().eval()
+    method.stage = method.num_stages
+    rollout = method.rollout(model, QUESTIONS, 2, torch.Generator().manual_seed(0))
+    return args, model, tokenizer, method, rollout
+
+
+def sgd(model):
+    # SGD, not AdamW: a first AdamW step is lr * sign(g) and would hide a wrongly scaled gradient
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+
+def full_weights(model) -> dict:
+    weights = distributed.full_state_dict(model)
+    return {k: v.detach().cpu().clone() for k, v in (model.state_dict() if weights is None else weights).items()}
+
+
+def grpo_update(algo: str, parallel: str) -> tuple[dict, float]:
+    args, model, _, method, rollout = setup(algo)
+    groups = distributed.share(list(range(len(QUESTIONS))))   # whole groups per rank, as rollout_batch shares them
+    local = train.select_rows(rollout, train.group_rows(groups, 2)) if distributed.world() > 1 else rollout
+    model = distributed.wrap(model, parallel)
+    metrics = train.grpo_step(args, method, model, None, sgd(model), local, REWARDS[groups])
+    return full_weights(model), distributed.mean_metrics(metrics)["grad_norm"]
+
+
+class NoLogger:
+    def log(self, record):
+        pass
+
+
+def sft_update(algo: str, parallel: str) -> dict:
+    args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--cot-steps", "1",
+                                            "--sft-steps", "0", "--sft-lr", "1.0"])
+    torch.manual_seed(0)
+    model, tokenizer = train.build_model(args, args.model)
+    method = algo_cls(model, tokenizer, cfg, add_tokens=True)
+    model.double()
+    model = distributed.wrap(model, parallel)
+    records, _ = train.load_data(args)
+    # stage 0 ends with an evaluation on these: the sharded one
+    train.run_sft(args, method, model, records, records[:3], NoLogger(), {"sft_stage": 0}, lambda state: None)
+    return full_weights(model)
+
+
+def sharded_eval(algo: str) -> dict:
+    args, model, _, method, _ = setup(algo)
+    records = [{"question": q, "answer": str(i)} for i, q in enumerate(QUESTIONS + QUESTIONS[:1])]  # 5: uneven shares
+    return evaluation.evaluate(method, model, records, batch_size=2, keep_examples=True)
+
+
+def rollout_draws(algo: str) -> dict:
+    """What rollout_batch draws on this rank: its questions and Dropout-GRPO's mask seeds."""
+    args, model, _, method, _ = setup(algo)
+    train_set, _ = train.load_data(args)
+    generator = torch.Generator().manual_seed(distributed.seed(args.seed))
+    rollout, _, _ = train.rollout_batch(args, method, model, train_set, generator, random.Random(args.seed + 1))
+    return {"prompts": [p.tolist() for p in rollout.prompt_ids][::2],
+            "seeds": rollout.mask_seed.tolist() if hasattr(rollout, "mask_seed") else []}
+
+
+def cases(parallel: str, out: Path) -> None:
+    results = {}
+    for algo in ALGOS:
+        results[f"grpo-{algo}"] = grpo_update(algo, parallel)
+        results[f"sft-{algo}"] = sft_update(algo, parallel)
+    if parallel == "ddp":
+        for algo in ALGOS:
+            results[f"eval-{algo}"] = sharded_eval(algo)
+        results["draws"] = distributed.per_rank(rollout_draws("dropout_grpo"))
+    if distributed.is_main():
+        torch.save(results, out / f"{parallel}.pt")
+
+
+def worker(rank: int, port: int, parallel: str, out: Path) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    distributed.init()
+    try:
+        cases(parallel, out)
+        if parallel == "fsdp":
+            run = out / "run"
+            common = ["--algo", "dropout_grpo", "--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--cot-steps", "2",
+                      "--sft-steps", "0", "--sft-batch-size", "4", "--num-prompts", "2", "--num-generations", "2",
+                      "--max-new-tokens", "6", "--max-latent-stage", "1", "--eval-size", "3", "--eval-every", "0",
+                      "--save-every", "1", "--parallel", "fsdp", "--out", str(run)]
+            train.main([*common, "--max-steps", "1"])
+            train.main([*common, "--max-steps", "2", "--resume", "true"])
+    finally:
+        distributed.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def two_ranks(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    mp.spawn(worker, args=(free_port(), request.param, out), nprocs=WORLD, join=True)
+    return request.param, out, torch.load(out / f"{request.param}.pt", weights_only=False)
+
+
+def assert_same_weights(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_grpo_step_on_two_ranks_equals_one_process(two_ranks, algo):
+    """Same parameters after one update of the global batch (and the same global gradient norm): the loss
+    normaliser is global and each rank's loss is weighted so that the gradient average is the one-process gradient."""
+    _, _, results = two_ranks
+    want, want_norm = grpo_update(algo, "ddp")
+    got, got_norm = results[f"grpo-{algo}"]
+    assert_same_weights(got, want)
+    assert got_norm == pytest.approx(want_norm, rel=1e-10)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_sft_step_on_two_ranks_equals_one_process(two_ranks, algo):
+    parallel, _, results = two_ranks
+    if parallel == "fsdp" and algo == "latent_grpo":
+        pytest.xfail("known gap: under FSDP2 Latent-SFT's embedding (read outside a forward call) is not updated")
+    assert_same_weights(results[f"sft-{algo}"], sft_update(algo, "ddp"))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_sharded_eval_equals_one_process(two_ranks, algo):
+    parallel, _, results = two_ranks
+    if parallel != "ddp":
+        pytest.skip("evaluation does not depend on --parallel; run once")
+    assert results[f"eval-{algo}"] == sharded_eval(algo)
+
+
+def test_each_rank_rolls_out_its_own_groups_with_its_own_seeds(two_ranks):
+    """The ranks' prompts are the one-process batch, split by whole groups; rank 0 draws the one-process
+    mask seeds, rank 1 others."""
+    parallel, _, results = two_ranks
+    if parallel != "ddp":
+        pytest.skip("rollout sharing does not depend on --parallel; run once")
+    one = rollout_draws("dropout_grpo")
+    ranks = results["draws"]
+    assert distributed.gather_shares([], 0) == []  # one process: nothing to gather
+    assert [p for r in range(WORLD) for p in ranks[r]["prompts"]] != []
+    merged = [None] * len(one["prompts"])
+    for r in range(WORLD):
+        merged[r::WORLD] = ranks[r]["prompts"]
+    assert merged == one["prompts"]
+    assert ranks[0]["seeds"] == one["seeds"][: len(ranks[0]["seeds"])]
+    seeds = [s for r in ranks for s in r["seeds"]]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_fsdp_checkpoint_loads_with_from_pretrained_and_resumes(two_ranks):
+    parallel, out, _ = two_ranks
+    if parallel != "fsdp":
+        pytest.skip("the checkpoint test is the FSDP one")
+    ckpt = out / "run" / "checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.n_layer == 2
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["rl_step"] == 2 and len(state["generator"]) == WORLD
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["phase"] == "rl"]
+    assert steps == [1, 2]  # written once (rank 0), and the resumed run went on from step 1
+    assert (out / "run" / "summary.json").exists()
