@@ -776,7 +776,7 @@ def test_embeddings_train_in_sft_and_freeze_for_rl(tok):
 @pytest.mark.parametrize("forced_exit", [True, False])
 def test_forced_exit(tok, forced_exit):
     """Spec 3.1 step 7 on a model whose logits are constant with the end id on top (p ~ 2%): with the check every
-    row exits at its first step whatever the noise; without it, the noise keeps most rows in latent mode."""
+    row exits at its first step whatever the noise; without it, the noise keeps many rows in latent mode."""
     model = tiny_model("llama", tok, 0)
     bias = torch.zeros(len(tok), dtype=torch.float64)
     bias[tok.convert_tokens_to_ids(lg.END_THINK)] = 2.0
