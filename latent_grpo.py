@@ -24,13 +24,12 @@ Use (train.py and eval.py drive exactly these calls):
     adv  = algo.advantages(rewards, ro, old)                        # rewards (P, G)
     loss, stats = algo.loss(algo.logprobs(model, ro, adv), old, None, adv, ro)
 
-The latent initialisation is a stand-in. The official run starts from a Latent-SFT checkpoint ("chain of
-superposition", arXiv 2510.15522), which we do not reproduce. Stage 0 is CoT SFT on
-`prompt<think>` + steps (one per line) + `</think> #### answer` + EOS. Stages 1..S turn the CoT into latent positions
-step by step: stage s replaces the first ceil(s/S * n_steps) steps, and every c = `c_latent` of their tokens become ONE
-position whose input is the mean of those tokens' embeddings (a uniform superposition) and whose target, one position
-earlier, is the uniform distribution over the same c ids (soft cross-entropy). At inference the top-K softmax weights
-reproduce roughly that superposition, so the latent chain is about c times shorter than the explicit CoT.
+The latent initialisation is Latent-SFT (arXiv 2510.15522, `latent_sft.py`), as the official README requires: stage 0
+is CoT SFT on `prompt<think>` + steps (one per line) + `</think> The answer is \\boxed{X}` + EOS ([I]: the boxed
+answer is what verl's training reward reads); stages 1-4 are Latent-SFT's 1a, 1b, 1c and 2. `--latent-init standin`
+keeps, as an ablation, a simpler curriculum: stage s replaces the first ceil(s/S * n_steps) steps, and every
+c = `c_latent` of their tokens become ONE position whose input is the mean of those tokens' embeddings and whose
+target, one position earlier, is the uniform distribution over the same c ids (soft cross-entropy).
 
 Deliberate simplifications and choices, all [I] in the spec:
   * The forced-exit check (3.1 step 7) uses the configured end id, not the official hard-coded 524.
@@ -522,7 +521,7 @@ class LatentGRPO:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    # ---- latent initialisation (the stand-in for Latent-SFT; module docstring) ----
+    # ---- latent initialisation: CoT SFT, then Latent-SFT or the stand-in ablation (module docstring) ----
 
     def final_ids(self, answer: str) -> list[int]:
         """The answer target after the chain, `</think> The answer is \\boxed{X}` + EOS [I]: the training reward
