@@ -34,9 +34,10 @@ def test_a_row_that_starts_from_another_trains_grpo_only_from_its_initialisation
 
 
 def test_tiny_results_run_end_to_end_and_resume(tmp_path, capsys):
-    argv = ["--tables", "dropout_grpo", "--rows", "p0", "--seeds", "0,1", "--jobs", "2", "--budget", "tiny",
-            "--out", str(tmp_path)]
+    argv = ["--tables", "dropout_grpo,latent_grpo", "--rows", "p0,no_one_sided", "--seeds", "0,1", "--jobs", "2",
+            "--budget", "tiny", "--out", str(tmp_path)]
     out = results.main(argv)
+    assert set(out["latent_grpo"]) == {"default", "no_one_sided"}
     runs = out["dropout_grpo"]
     assert set(runs) == {"default", "p0"}   # p0 needs default's initialisation, so default runs too
     for seed, (default, p0) in enumerate(zip(runs["default"], runs["p0"])):
@@ -44,7 +45,8 @@ def test_tiny_results_run_end_to_end_and_resume(tmp_path, capsys):
         assert p0["init_accuracy"] == default["init_accuracy"]
         assert json.loads((tmp_path / "dropout_grpo" / "p0" / f"seed{seed}" / "config.json").read_text())["args"]["seed"] == seed
     table = (tmp_path / "results.md").read_text()
-    assert "| Coconut initialisation -> Dropout-GRPO" in table and " ± " in table and "torch " in table
+    assert "| Coconut initialisation -> Dropout-GRPO" in table and "| Latent-GRPO without one-sided noise" in table
+    assert " ± " in table and "torch " in table
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0, 1]
     stamp = (tmp_path / "dropout_grpo" / "p0" / "seed0" / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
