@@ -204,3 +204,26 @@ def test_validation_selects_and_test_scores_the_report(tmp_path, monkeypatch):
     assert summary["val_best_accuracy"] == max(summary["val_init_accuracy"], summary["val_final_accuracy"],
                                                summary["val_best_accuracy"])
     assert 0 <= summary["best_step"] <= 2 and summary["val_size"] == 4 and "test_best_accuracy" in summary
+
+
+@pytest.mark.parametrize("steps", [7, 100, 2000])
+def test_sft_lr_factor_warms_up_then_holds_or_decays_to_zero(steps):
+    import math
+    import train
+
+    warmup = max(1, min(100, steps // 10))
+    constant = [train.sft_lr_factor(s, steps, "constant") for s in range(steps)]
+    cosine = [train.sft_lr_factor(s, steps, "cosine") for s in range(steps)]
+    assert constant[:warmup] == cosine[:warmup] == [(s + 1) / warmup for s in range(warmup)]
+    assert constant[warmup:] == [1.0] * (steps - warmup)
+    assert all(a >= b for a, b in zip(cosine[warmup - 1:], cosine[warmup:]))   # non-increasing after the warmup
+    assert 0 < cosine[-1] < 0.5 * (1 - math.cos(math.pi / (steps + 1 - warmup))) + 1e-12   # the last step, near 0
+    assert train.sft_lr_factor(0, steps, "constant", warmup=False) == 1.0
+
+
+def test_environment_names_versions_and_kernels():
+    env = evaluation.environment("cpu")
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["threads"] == torch.get_num_threads() and env["device"] == "cpu"
+    assert all(env[k] for k in ("python", "transformers", "tokenizers"))
