@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
+import compat
 import data
 import dropout_grpo
 import eval as evaluation
@@ -196,12 +197,12 @@ def bench_step(size: str, batch: int, repeats: int, device: torch.device) -> dic
     ids = torch.randint(vocab, (batch, CONTEXT), device=device, generator=generator)
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = model(input_ids=ids, **compat.cache_arg(model, cache), use_cache=True, output_hidden_states=True)
         state = {"z": out.logits[:, -1].float(), "h": out.hidden_states[-1][:, -1]}
         position = torch.full((batch, 1), CONTEXT, device=device)
 
         def step(**inputs):
-            out = model(**inputs, position_ids=position, past_key_values=cache, use_cache=True,
+            out = model(**inputs, position_ids=position, **compat.cache_arg(model, cache), use_cache=True,
                         output_hidden_states="inputs_embeds" in inputs)
             truncate(cache, CONTEXT)
             return out
@@ -255,11 +256,11 @@ def coconut_reference_generate(model, input_ids, latent_id: int, eos_id: int, ma
         if cache is not None:
             truncate(cache, r0)                                  # Coconut keeps the cache's first r0 positions
         out = model(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                    position_ids=position_ids[:, r0:r1], past_key_values=cache, use_cache=True,
+                    position_ids=position_ids[:, r0:r1], **compat.cache_arg(model, cache), use_cache=True,
                     output_hidden_states=True)
         logits.append(out.logits)
         compute_range = (r1, L if pass_idx + 1 >= len(latents) else r1 + 1)
-        hidden, cache = out.hidden_states[-1], out.past_key_values
+        hidden, cache = out.hidden_states[-1], compat.output_cache(out)
         # Coconut rebuilds inputs_embeds from per-position rows (no in-place write), this latent's row replaced by
         # the hidden state of the position before it (hidden holds positions r0.., hence the offset)
         rows = list(inputs_embeds[0])
@@ -269,7 +270,7 @@ def coconut_reference_generate(model, input_ids, latent_id: int, eos_id: int, ma
     if cache is not None:
         truncate(cache, r0)
     out = model(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                position_ids=position_ids[:, r0:r1], past_key_values=cache, use_cache=True, output_hidden_states=True)
+                position_ids=position_ids[:, r0:r1], **compat.cache_arg(model, cache), use_cache=True, output_hidden_states=True)
     logits.append(out.logits)
     logits = torch.cat(logits, dim=-2)
     F.cross_entropy(logits[0, :-1], input_ids[0, 1:])           # forward's loss on generate's placeholder labels
@@ -614,12 +615,12 @@ def decode_vs_floor(name, model, bandwidth: float, batches, context: int, repeat
         ids = torch.randint(cfg.vocab_size, (B, context), device=device)
         with torch.no_grad():
             cache = DynamicCache()
-            z = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            z = model(input_ids=ids, **compat.cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
             position = torch.full((B, 1), context, device=device)
 
             def decode():
                 y = z.argmax(-1, keepdim=True)
-                model(input_ids=y, position_ids=position, past_key_values=cache, use_cache=True)
+                model(input_ids=y, position_ids=position, **compat.cache_arg(model, cache), use_cache=True)
                 truncate(cache, context)
             seconds = timed(decode, repeats, device)
         floor = (weights + kv) / bandwidth

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 
+import compat
+
 # §2.1: <bot> opens the latent phase, <latent> holds a thought's place in SFT sequences, <eot> closes it.
 # Coconut's own names come first: a tokenizer that already has them (a Coconut checkpoint) keeps its rows.
 TOKEN_NAMES = {"bot": ("<|start-latent|>", "<bot>"), "eot": ("<|end-latent|>", "<eot>"),
@@ -295,7 +297,7 @@ def _compiled(fn, **options):
 def _step(model, cache, attn: Tensor, **inputs) -> tuple[Tensor, Tensor]:
     """One cached forward: the last-layer hidden states, post final norm (the LM head's input, Coconut's
     `hidden_states[-1]`), and the logits."""
-    out = model(**inputs, attention_mask=attn, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    out = model(**inputs, attention_mask=attn, **compat.cache_arg(model, cache), use_cache=True, output_hidden_states=True)
     return out.hidden_states[-1], out.logits
 
 

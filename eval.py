@@ -546,6 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0, help="run r is seeded seed + r")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch, as train.py's --threads (1: fastest for the tiny default; 0: torch's)")
     p.add_argument("--keep-examples", type=parse_bool, default=False, help="store every completion in the JSON")
     p.add_argument("--mc-masks", type=int, default=0,
                    help="dropout_grpo: also answer greedily under M dropout masks (MC dropout): majority-vote "
@@ -601,11 +603,15 @@ def explore_policy(algo, explore: bool, **given) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -622,6 +628,10 @@ def main(argv=None) -> dict:
             raise ValueError(f"--out: directory {out.parent} does not exist")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (got {args.threads})")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = distributed.device(args.device)
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         sets = load_data_sets(args.data, args.split, args.data_seed, parse_field_map(args.field_map), args.limit)

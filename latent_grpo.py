@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
+import compat
 import latent_sft
 
 THINK, END_THINK = "<think>", "</think>"
@@ -402,7 +403,7 @@ def _compiled(fn, **options):
 
 def _step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
     """One cached forward of input embeddings x (N, 1, d) -> logits (N, 1, V)."""
-    return model(inputs_embeds=x, attention_mask=mask, position_ids=position, past_key_values=cache,
+    return model(inputs_embeds=x, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache),
                  use_cache=True).logits
 
 
@@ -635,7 +636,7 @@ class LatentGRPO:
         position = (mask.cumsum(-1) - 1).clamp(min=0)   # explicit positions: left padding must not shift them
         # prefill each question once, then expand cache and logits over its G generations (group-major rows)
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache), use_cache=True,
                     logits_to_keep=1)
         z = _fp32(out.logits[:, -1]).repeat_interleave(G, 0)                           # (N, V)
         mask, position = mask.repeat_interleave(G, 0), position[:, -1:].repeat_interleave(G, 0)

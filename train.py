@@ -44,14 +44,17 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 import data
 import distributed
@@ -267,6 +270,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None
 
 class UserError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2, nothing written."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: one line naming the last checkpoint, exit code 130 (metrics.jsonl is flushed row by row)."""
 
 
 def parse_args(argv=None):
@@ -542,21 +549,46 @@ def group_rows(groups: list[int], num_generations: int) -> list[int]:
 # Checkpoints: written to a temporary directory, then moved into place, so a crash never leaves half a checkpoint
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C inside the block is held until the block ends (the main thread only), so a checkpoint is never left
+    half moved into place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: dict, where: str = "checkpoint") -> None:
     weights = distributed.full_state_dict(model)  # torchrun + fsdp: the whole model, gathered on rank 0
     if not distributed.is_main():  # torchrun: rank 0 alone writes
         return
     final = out / where
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
-    model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
-    tokenizer.save_pretrained(tmp)
-    (tmp / "algorithm.json").write_text(json.dumps({"algo": name, "config": dataclasses.asdict(cfg), "stage": algo.stage}, indent=2))
-    torch.save(state, tmp / "trainer_state.pt")
+    try:
+        transformers_logging.disable_progress_bar()   # its "Writing model shards" bar would break the run's bars
+        model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "algorithm.json").write_text(json.dumps({"algo": name, "config": dataclasses.asdict(cfg), "stage": algo.stage}, indent=2))
+        torch.save(state, tmp / "trainer_state.pt")
+    except BaseException:   # a crash or Ctrl-C while writing: the previous checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        transformers_logging.enable_progress_bar()
     old = out / ".checkpoint-old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
+    with interrupts_deferred():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -567,7 +599,16 @@ def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: di
 class Logger:
     """metrics.jsonl: one JSON object per line, flushed at once so a crashed run keeps its history."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, state: dict | None = None):
+        """`state`: a resumed run's trainer state. The rows logged after its checkpoint (the SFT stage it had not
+        finished, the GRPO steps after its last save) are dropped, since the run does them again."""
+        if distributed.is_main() and state is not None and path.exists():
+            def kept(row: dict) -> bool:
+                if row.get("phase") == "sft":
+                    return row["stage"] < state["sft_stage"]
+                return row.get("step", 0) <= state["rl_step"]
+            rows = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+            evaluation.write_text_atomic(path, "".join(line + "\n" for line in rows))
         self.file = open(path, "a") if distributed.is_main() else None  # torchrun: rank 0 alone writes
 
     def log(self, record: dict) -> None:
@@ -911,12 +952,30 @@ def main(argv=None) -> dict:
               "environment": evaluation.environment(device), "argv": sys.argv[1:] if argv is None else list(argv)}
     if distributed.is_main():
         evaluation.write_json_atomic(out / "config.json", config)
-    logger = Logger(out / "metrics.jsonl")
-    save = lambda s, where="checkpoint": save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s, where)
+    logger = Logger(out / "metrics.jsonl", state if resuming else None)
+    saved = {}   # where the last checkpoint stands, for the line Ctrl-C prints
+
+    def save(s, where="checkpoint"):
+        save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s, where)
+        if where == "checkpoint":
+            saved.update(sft_stage=s["sft_stage"], rl_step=s["rl_step"])
     if distributed.is_main():
         print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train)} train / {len(val)} validation / {len(test)} eval questions -> {out}")
 
+    try:
+        return pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logger, state, save, config, t_start)
+    except KeyboardInterrupt:
+        if not saved and not resuming:
+            raise Interrupted(f"interrupted before the first checkpoint; {out}/metrics.jsonl holds what was logged") from None
+        where = (f"GRPO step {saved['rl_step']}" if saved.get("rl_step") else
+                 f"after SFT stage {saved['sft_stage'] - 1}" if saved else "as it was resumed")
+        raise Interrupted(f"interrupted: {out}/checkpoint holds the run {where}; continue it with --resume true") from None
+
+
+def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logger, state, save, config, t_start) -> dict:
+    """SFT, the initialisation's evaluation, GRPO, the final evaluations and the summary."""
+    trains_init = args.cot_steps > 0 or args.sft_steps > 0
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
         t0 = time.perf_counter()
@@ -924,9 +983,10 @@ def main(argv=None) -> dict:
         add_seconds(state, "init_eval", time.perf_counter() - t0)
         state.update(init_accuracy=init["accuracy"], init_latent_steps=init["mean_latent_steps"], init_length=init["mean_length"])
         save(state)
-        # a copy of the latent initialisation, so that GRPO variants can start from the very same weights:
-        #   python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
-        save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, state, where="init")
+        # a copy of the latent initialisation this run trained, so that GRPO variants can start from the very same
+        # weights: python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
+        if trains_init:
+            save(state, "init")
         if args.validation:   # the initialisation is the first candidate for RUN/best
             v = evaluate(algo, model, val, args, "latent initialisation (validation)")["accuracy"]
             state.update(val_init_accuracy=v, val_best_accuracy=v, best_step=0)
@@ -944,7 +1004,7 @@ def main(argv=None) -> dict:
         if state["best_step"] == state["rl_step"]:
             best_test = final["accuracy"]
         else:
-            best_algo, best_model, _ = evaluation.load_checkpoint(out / "best", device)
+            best_algo, best_model, _ = evaluation.load_checkpoint(out / "best", model.device)
             best_test = evaluate(best_algo, best_model, test, args, f"best validation (step {state['best_step']})")["accuracy"]
         best = {"val_init_accuracy": state["val_init_accuracy"], "val_final_accuracy": v,
                 "val_best_accuracy": state["val_best_accuracy"], "best_step": state["best_step"],
@@ -979,10 +1039,19 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python train.py`: main() with its two ways to stop early, a bad request (exit 2) and Ctrl-C (exit 130)."""
     try:
         main()
     except UserError as e:
         if distributed.is_main():  # torchrun: every rank stops, one says why
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        if distributed.is_main():
+            print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

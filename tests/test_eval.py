@@ -613,6 +613,12 @@ def test_cli_bad_data_set(tmp_path, data, words):
     assert os.listdir(tmp_path) == ["algorithm.json"]
 
 
+def test_cli_threads(tmp_path):
+    (tmp_path / "algorithm.json").write_text(json.dumps({"algo": "dropout_grpo", "config": {}, "stage": 0}))
+    assert_user_error(run_cli("--checkpoint", str(tmp_path), "--threads", "-1"), "--threads must be >= 0")
+    assert ev.parse_args(["--checkpoint", "x"]).threads == 1 and ev.parse_args(["--checkpoint", "x", "--threads", "0"]).threads == 0
+
+
 def test_cli_hub_unreachable(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))  # an empty cache: the hub is the only source
     (tmp_path / "algorithm.json").write_text(json.dumps({"algo": "dropout_grpo", "config": {}, "stage": 0}))

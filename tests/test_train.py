@@ -72,6 +72,7 @@ def test_grpo_from_the_saved_initialisation(finished_run, tmp_path):
                         str(out / "init"), "--cot-steps", "0", "--sft-steps", "0", "--allow-degenerate", "true"])
     assert again["init_accuracy"] == summary["init_accuracy"] and again["cot_accuracy"] is None
     assert not [line for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines() if '"sft"' in line]
+    assert not (tmp_path / "rl" / "init").exists(), "init/ is a copy of a trained initialisation; this run trained none"
 
 
 def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
@@ -227,3 +228,64 @@ def test_environment_names_versions_and_kernels():
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["threads"] == torch.get_num_threads() and env["device"] == "cpu"
     assert all(env[k] for k in ("python", "transformers", "tokenizers"))
+
+
+def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+    """A run killed after its last checkpoint logged rows it will log again: --resume drops them, so no step appears
+    twice (SFT rows of the stage it had not finished, GRPO rows after the checkpoint's step)."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"phase": "sft", "stage": 0, "step": 0}, {"phase": "sft", "stage": 1, "step": 0},
+            {"phase": "rl", "step": 1}, {"phase": "rl", "step": 2}, {"phase": "rl", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.Logger(path, {"sft_stage": 2, "rl_step": 2}).log({"phase": "rl", "step": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4] + [{"phase": "rl", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    train.Logger(path, {"sft_stage": 1, "rl_step": 0})   # killed during stage 1: its rows go, stage 0's stay
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:1]
+
+
+def test_ctrl_c_names_the_checkpoint_and_leaves_it_consistent(tmp_path, monkeypatch):
+    real = train.grpo_step
+    calls = []
+
+    def interrupted_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "grpo_step", interrupted_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(train.Interrupted, match="GRPO step 1; continue it with --resume true"):
+        train.main(["--out", str(out), *TINY, *ALGO_TINY["dropout_grpo"]])
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["rl_step"] == 1 and not list(out.glob(".checkpoint-*"))
+    monkeypatch.setattr(train, "grpo_step", real)
+    summary = train.main(["--out", str(out), "--resume", "true", *TINY, *ALGO_TINY["dropout_grpo"]])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["phase"] == "rl"]
+    assert summary["steps"] == 2 and steps == [1, 2]
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_exit_130(tmp_path):
+    """The CLI's contract, with SIGINT raised inside GRPO's first step (a subprocess, so the signal is real)."""
+    script = ("import os, signal, sys, train\n"
+              "real = train.grpo_step\n"
+              "def step(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(*a, **k)\n"
+              "train.grpo_step = step\n"
+              "sys.argv = ['train.py', *sys.argv[1:]]\n"
+              "train.cli()\n")
+    result = run_cli("-c", script, "--out", str(tmp_path / "run"), *TINY, *ALGO_TINY["dropout_grpo"])
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "interrupted" in result.stderr.strip().splitlines()[-1]
+
+
+def test_sigint_while_a_checkpoint_moves_into_place_waits_for_the_move():
+    import os
+    import signal
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with train.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("moved")
+    assert done == ["moved"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
