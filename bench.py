@@ -646,7 +646,7 @@ def machine(device: torch.device) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", default=None, help=f"comma-separated, from {','.join(ITEMS)} (default: all)")
     parser.add_argument("--sizes", default=None, help=f"for items 1, 2, 5, from {','.join(SIZES)} "

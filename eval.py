@@ -487,6 +487,11 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
+    """Exactly the flags --help lists (no prefix abbreviations), and errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, no usage dump: every user error looks the same
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

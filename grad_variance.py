@@ -20,7 +20,7 @@ import data
 import eval as evaluation
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
     p = evaluation._Parser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", required=True, help="a dropout_grpo checkpoint dir or run dir (e.g. RUN/init)")
     p.add_argument("--data", default="synthetic", help="questions: synthetic or a named set (default: synthetic)")
@@ -32,7 +32,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=32, help="rollout batches per mode (>= 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output JSON (default: print only)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     try:
         algo, model, _ = evaluation.load_checkpoint(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         if not hasattr(algo, "gradient_variance"):

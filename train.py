@@ -42,6 +42,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -354,6 +355,20 @@ def check_args(args: Args) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Model, tokenizer, data
+
+
+def check_out(out: Path) -> None:
+    """--out must be a directory this process can create or write into: a file at or above it, or a directory
+    without write permission, is one line before anything runs."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    above = out
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"--out {out}: {above} is a file, not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in {above}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -914,6 +929,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    check_out(out)
     resuming = args.resume and (out / "checkpoint" / "trainer_state.pt").exists()
     if out.exists() and any(out.iterdir()) and not resuming:
         raise UserError(f"--out {out} already holds a run; pass --resume true to continue it or choose another --out")

@@ -177,6 +177,25 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make_args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where, message", [
+    ("file", "is a file, not a directory"),
+    ("file/run", "file is a file, not a directory"),
+])
+def test_out_on_a_file_is_one_line(tmp_path, where, message):
+    (tmp_path / "file").write_text("not a run")
+    result = run_cli("train.py", "--out", str(tmp_path / where), *TINY)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert (tmp_path / "file").read_text() == "not a run"
+
+
+def test_out_without_write_permission_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.os, "access", lambda path, mode: Path(path) != tmp_path)   # root may write anywhere
+    with pytest.raises(train.UserError, match=f"no permission to write in {tmp_path}"):
+        train.main(["--out", str(tmp_path / "a" / "run"), *TINY])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
