@@ -316,11 +316,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device):
 
 
 def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool = False, batch_size: int = 64,
-             seed: int = 0, ks=(1,), keep_examples: bool = False) -> dict:
+             seed: int = 0, ks=(1,), keep_examples: bool = False, keep_first: int | None = None) -> dict:
     """Generate `runs` completions per record with `algo.generate` and score them; returns a JSON-ready dict.
 
     Run r draws from a generator seeded `seed + r`, so runs differ only where the policy samples (with a
-    deterministic policy all runs are identical and pass@k == pass@1).
+    deterministic policy all runs are identical and pass@k == pass@1). `keep_examples`: the result's "examples" hold
+    each record's completions, those of the first `keep_first` records only when it is given.
     """
     if runs < 1 or batch_size < 1 or not records or any(k < 1 for k in ks):
         raise ValueError(f"need runs >= 1, batch_size >= 1, k >= 1 and some records "
@@ -384,8 +385,8 @@ def evaluate(algo, model, records: list[dict], *, runs: int = 1, explore: bool =
             {"question": questions[i], "gold": golds[i],
              "completions": [texts[r][i] for r in range(runs)],
              "predictions": [answer(texts[r][i]) for r in range(runs)],
-             "num_correct": int(n_correct[i])}
-            for i in range(P)
+             "latent_steps": num_latent[:, i].tolist(), "num_correct": int(n_correct[i])}
+            for i in range(P if keep_first is None else min(keep_first, P))
         ]
     return result
 

@@ -25,7 +25,9 @@ The loop knows an algorithm only through the small interface in README.md ("The 
 specify lives in the algorithm files; this file only does the plumbing: config, data, model, optimiser, logging,
 checkpoints.
 
-Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), summary.json, checkpoint/
+Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step; --report-to also sends them to
+TensorBoard or W&B), samples.jsonl (a few completions of every evaluation; `python plot.py RUN` draws the run),
+summary.json, checkpoint/
 (loadable by AutoModelForCausalLM / AutoTokenizer.from_pretrained, plus algorithm.json and trainer_state.pt so
 `--resume` continues where the run stopped), init/, the latent initialisation, for GRPO variants from the same
 start: `python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...`, and best/, the checkpoint with the best
@@ -39,6 +41,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import inspect
 import json
 import math
@@ -89,7 +92,7 @@ class Args:
     """Fields of a local --data / --eval-data file, when its format is not detected: question=Body+Question,answer=Answer
     [,steps=...] (a+b joins two fields, a.b reads a nested key)."""
     out: str = "runs/default"
-    """Output directory: config.json, metrics.jsonl, summary.json, checkpoint/."""
+    """Output directory: config.json, metrics.jsonl, samples.jsonl, summary.json, checkpoint/."""
     seed: int = 0
     """Seed for data order, initial weights and every random draw of the rollouts."""
     data_seed: int = 0
@@ -182,6 +185,13 @@ class Args:
     """Write a checkpoint every this many GRPO steps (always at the end)."""
     batch_size_eval: int = 100
     """Questions per generation batch at evaluation."""
+    samples: int = 3
+    """Completions of the first N evaluation questions written to samples.jsonl and printed at each evaluation;
+    0 = none."""
+    report_to: str = "none"
+    """Also send every row of metrics.jsonl to a tracker: none | tensorboard (RUN/tensorboard; pip install
+    tensorboard) | wandb (pip install wandb; WANDB_PROJECT names the project, WANDB_MODE=offline keeps it local).
+    GRPO rows keep their names against the GRPO step; SFT rows go under sft/ against the SFT steps of all stages."""
     allow_degenerate: bool = False
     """Go on when a run is degenerate (no output leaves latent mode, a non-finite SFT loss; health.py) instead of
     stopping with the cause and the fix."""
@@ -327,7 +337,7 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["max_steps", "cot_steps", "sft_steps", "eval_every", "save_every", "micro_batch_size",
-                 "sft_reset_every", "sft_last_stage_steps"]:
+                 "sft_reset_every", "sft_last_stage_steps", "samples"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_generations < 2:
@@ -341,6 +351,8 @@ def check_args(args: Args) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.init_from and args.algo != "dropout_grpo":
         raise UserError(f"--init-from loads a Coconut checkpoint, dropout_grpo's initialisation, not {args.algo}'s")
+    if args.report_to not in ("none", *TRACKERS):
+        raise UserError(f"--report-to must be none, {' or '.join(TRACKERS)}, got {args.report_to!r}")
     if args.parallel not in ("ddp", "fsdp"):
         raise UserError(f"--parallel must be ddp or fsdp, got {args.parallel!r}")
     world = distributed.world()  # torchrun: whole groups and whole SFT examples per rank
@@ -615,27 +627,128 @@ def save_checkpoint(out: Path, model, tokenizer, algo, name: str, cfg, state: di
 # The run
 
 
+def logged_before(row: dict, state: dict) -> bool:
+    """Whether a row of metrics.jsonl or samples.jsonl was logged before the checkpoint `state` was saved: a run
+    resumed from it logs the others again. Kept: the rows of the SFT stages it finished, the initialisation's
+    samples once its evaluation is in the checkpoint, GRPO rows up to its step; never the final evaluations'
+    samples, since a resumed run always ends with those evaluations."""
+    phase = row.get("phase")
+    if phase == "sft":
+        return row["stage"] < state["sft_stage"]
+    if phase == "init":
+        return "init_accuracy" in state
+    return phase != "final" and row.get("step", 0) <= state["rl_step"]
+
+
 class Logger:
-    """metrics.jsonl: one JSON object per line, flushed at once so a crashed run keeps its history."""
+    """What a run logs as it goes, in --out: metrics.jsonl (one JSON object per logged step, also sent to the
+    --report-to tracker) and samples.jsonl (the completions shown at each evaluation). Each line is flushed at once, so
+    a crashed run keeps its history. torchrun: rank 0 alone writes."""
 
-    def __init__(self, path: Path, state: dict | None = None):
-        """`state`: a resumed run's trainer state. The rows logged after its checkpoint (the SFT stage it had not
-        finished, the GRPO steps after its last save) are dropped, since the run does them again."""
-        if distributed.is_main() and state is not None and path.exists():
-            def kept(row: dict) -> bool:
-                if row.get("phase") == "sft":
-                    return row["stage"] < state["sft_stage"]
-                return row.get("step", 0) <= state["rl_step"]
-            rows = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
-            evaluation.write_text_atomic(path, "".join(line + "\n" for line in rows))
-        self.file = open(path, "a") if distributed.is_main() else None  # torchrun: rank 0 alone writes
+    def __init__(self, out: Path, state: dict | None = None, tracker=None):
+        """`state`: a resumed run's trainer state. The rows of both files logged after its checkpoint (the SFT stage
+        it had not finished, the GRPO steps after its last save, ...: `logged_before`) are dropped, since the run
+        logs them again."""
+        self.out, self.tracker, self.files = out, tracker, {}
+        self.sft_steps = {}   # SFT stage -> its optimiser steps so far: the tracker's SFT step runs on over stages
+        if not distributed.is_main():
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if state is not None and (out / name).exists():
+                rows = [line for line in (out / name).read_text().splitlines() if line.strip()
+                        and logged_before(json.loads(line), state)]
+                evaluation.write_text_atomic(out / name, "".join(line + "\n" for line in rows))
+                if name == "metrics.jsonl":
+                    for row in map(json.loads, rows):
+                        self.count_sft(row)
+        self.open("metrics.jsonl")   # samples.jsonl only once there is a sample
 
-    def log(self, record: dict) -> None:
-        if self.file is None:
+    def open(self, name: str):
+        if name not in self.files:
+            self.files[name] = open(self.out / name, "a")
+        return self.files[name]
+
+    def write(self, name: str, record: dict) -> None:
+        if not distributed.is_main():
             return
         clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        self.open(name).write(json.dumps(clean) + "\n")
+        self.files[name].flush()
+
+    def count_sft(self, row: dict) -> int:
+        """An SFT row's step counted over all stages so far (each stage logs its last step)."""
+        if row.get("phase") != "sft":
+            return 0
+        self.sft_steps[row["stage"]] = row["step"] + 1
+        return sum(n for stage, n in self.sft_steps.items() if stage < row["stage"]) + row["step"]
+
+    def log(self, record: dict) -> None:
+        """A row of metrics.jsonl, and its numbers to the tracker under the same names (SFT's under sft/)."""
+        self.write("metrics.jsonl", record)
+        if self.tracker is None:
+            return
+        values = {k: float(v) for k, v in record.items() if k not in ("phase", "step") and isinstance(v, (int, float))}
+        if record["phase"] == "sft":
+            self.tracker.log({f"sft/{k}": v for k, v in values.items()}, "sft/step", self.count_sft(record))
+        else:
+            self.tracker.log(values, "grpo/step", record["step"])
+
+    def samples(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.write("samples.jsonl", row)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class TensorBoard:
+    """--report-to tensorboard: scalars in RUN/tensorboard (`tensorboard --logdir RUN`)."""
+
+    def __init__(self, module, out: Path, config: dict):
+        self.writer = module.SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def log(self, values: dict, axis: str, step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """--report-to wandb: one W&B run named after --out, with config.json as its config; each metric is plotted
+    against its own phase's step (`axis`), since W&B's own step may never go back from SFT's steps to GRPO's."""
+
+    def __init__(self, module, out: Path, config: dict):
+        self.run = module.init(name=out.name, dir=str(out), config=config)
+        self.defined = set()
+
+    def log(self, values: dict, axis: str, step: int) -> None:
+        for name in {axis, *values} - self.defined:
+            self.run.define_metric(name, step_metric=None if name == axis else axis)
+            self.defined.add(name)
+        self.run.log({axis: step, **values})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+# --report-to: (module, package to pip install, tracker); the module is imported only when asked for
+TRACKERS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard", TensorBoard), "wandb": ("wandb", "wandb", WandB)}
+
+
+def tracker_module(name: str):
+    """--report-to's module (None for none), imported at start-up: a missing package is one line naming it."""
+    if name == "none":
+        return None
+    module, package, _ = TRACKERS[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"--report-to {name} needs the {package} package: pip install {package}") from None
 
 
 def report(args: Args, problems) -> None:
@@ -652,15 +765,36 @@ def budget_flag(algo) -> str:
     return next(f"--{n.replace('_', '-')}" for n in ("max_response_length", "max_new_tokens") if hasattr(algo.cfg, n))
 
 
-def evaluate(algo, model, records, args: Args, name: str) -> dict:
+def evaluate(algo, model, records, args: Args, name: str, logger: Logger | None = None, **where) -> dict:
+    """One greedy evaluation, printed as one line. With a `logger`, the completions of the first --samples questions
+    are printed beneath it and written to samples.jsonl, each row tagged with `where` (phase, step, SFT stage)."""
+    keep = args.samples if logger is not None else 0
     with precision(args, model), distributed.gathered(model):
-        result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval, seed=args.seed)
+        result = evaluation.evaluate(algo, model, records, runs=1, explore=False, batch_size=args.batch_size_eval,
+                                     seed=args.seed, keep_examples=keep > 0, keep_first=keep)
     length = "all truncated" if result["mean_length"] is None else f"{result['mean_length']:.1f}"
     if distributed.is_main():
         tqdm.write(f"[eval] {name}: accuracy {result['accuracy']:.3f}, latent steps {result['mean_latent_steps']:.2f}, "
                f"length {length}")
+    if keep:
+        rows = [{"phase": where.get("phase"), "name": name, "step": where.get("step", 0), **where,
+                 "question": ex["question"], "completion": ex["completions"][0], "gold": ex["gold"],
+                 "prediction": ex["predictions"][0], "correct": ex["num_correct"] == 1,
+                 "latent_steps": ex["latent_steps"][0]} for ex in result.pop("examples")]
+        logger.samples(rows)
+        if distributed.is_main():
+            tqdm.write("\n".join(sample_line(row) for row in rows))
     report(args, [health.check_eval(result, name, budget_flag(algo), args.cot_steps > 0 or args.sft_steps > 0)])  # health: never left latent mode, truncated
     return result
+
+
+def sample_line(row: dict, width: int = 160) -> str:
+    """A sample on one line: right or wrong, gold and prediction, latent steps, the completion cut to `width`."""
+    text = " ".join(row["completion"].split()) or "(empty)"
+    text = text if len(text) <= width else text[:width - 3] + "..."
+    answer = f"answer {row['prediction']}" if row["prediction"] else "no answer"   # None or "": the rule found none
+    verdict = "right" if row["correct"] else "wrong"
+    return f"  {verdict}: gold {row['gold']}, {answer}, {row['latent_steps']} latent | {text}"
 
 
 def add_seconds(state: dict, name: str, seconds: float) -> None:
@@ -729,7 +863,7 @@ def run_sft(args, algo, model, train, test, logger, state, save):
                     warned = True
         model.eval()
         if stage == 0:
-            cot = evaluate(algo, model, test, args, "after CoT SFT (stage 0)")
+            cot = evaluate(algo, model, test, args, "after CoT SFT (stage 0)", logger, phase="sft", stage=0)
             # the CoT model's chain: positions before </think> (the latent policy's steps), and all it generates
             state.update(cot_accuracy=cot["accuracy"], cot_chain_length=cot["mean_latent_steps"],
                          cot_length=cot["mean_length"])
@@ -901,7 +1035,8 @@ def run_rl(args, algo, model, train, test, out, logger, state, save):
         state["rl_step"] = step + 1
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             t1 = time.perf_counter()
-            metrics["eval/accuracy"] = evaluate(algo, model, test, args, f"grpo step {step + 1}")["accuracy"]
+            metrics["eval/accuracy"] = evaluate(algo, model, test, args, f"grpo step {step + 1}", logger, phase="rl",
+                                                step=step + 1)["accuracy"]
             add_seconds(state, "grpo_evals", time.perf_counter() - t1)
             if args.validation and metrics["eval/accuracy"] > state["val_best_accuracy"]:   # test never selects
                 state.update(val_best_accuracy=metrics["eval/accuracy"], best_step=step + 1)
@@ -919,6 +1054,7 @@ def main(argv=None) -> dict:
     distributed.init()  # torchrun: join the process group (a no-op in one process)
     args, algo_cls, algo_cfg = parse_args(argv)
     check_args(args)
+    tracking = tracker_module(args.report_to)   # --report-to's package, before anything is written
     if distributed.world() > 1 and args.parallel == "fsdp" and getattr(algo_cfg, "beta", 0.0) > 0:
         raise UserError("--parallel fsdp with --beta > 0: the reference model is not sharded yet; use --parallel ddp")
     if args.init_from:  # the Coconut checkpoint is the latent model: no SFT, GRPO at the last stage (run_sft)
@@ -973,7 +1109,8 @@ def main(argv=None) -> dict:
               "environment": evaluation.environment(device), "argv": sys.argv[1:] if argv is None else list(argv)}
     if distributed.is_main():
         evaluation.write_json_atomic(out / "config.json", config)
-    logger = Logger(out / "metrics.jsonl", state if resuming else None)
+    tracker = TRACKERS[args.report_to][2](tracking, out, config) if tracking and distributed.is_main() else None
+    logger = Logger(out, state if resuming else None, tracker)
     saved = {}   # where the last checkpoint stands, for the line Ctrl-C prints
 
     def save(s, where="checkpoint"):
@@ -992,6 +1129,8 @@ def main(argv=None) -> dict:
         where = (f"GRPO step {saved['rl_step']}" if saved.get("rl_step") else
                  f"after SFT stage {saved['sft_stage'] - 1}" if saved else "as it was resumed")
         raise Interrupted(f"interrupted: {out}/checkpoint holds the run {where}; continue it with --resume true") from None
+    finally:
+        logger.close()   # the tracker's last rows too
 
 
 def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logger, state, save, config, t_start) -> dict:
@@ -1000,7 +1139,7 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
         t0 = time.perf_counter()
-        init = evaluate(algo, model, test, args, "latent initialisation")
+        init = evaluate(algo, model, test, args, "latent initialisation", logger, phase="init")
         add_seconds(state, "init_eval", time.perf_counter() - t0)
         state.update(init_accuracy=init["accuracy"], init_latent_steps=init["mean_latent_steps"], init_length=init["mean_length"])
         save(state)
@@ -1009,16 +1148,17 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
         if trains_init:
             save(state, "init")
         if args.validation:   # the initialisation is the first candidate for RUN/best
-            v = evaluate(algo, model, val, args, "latent initialisation (validation)")["accuracy"]
+            v = evaluate(algo, model, val, args, "latent initialisation (validation)", logger, phase="init")["accuracy"]
             state.update(val_init_accuracy=v, val_best_accuracy=v, best_step=0)
             save(state, "best")
     run_rl(args, algo, model, train, val if args.validation else test, out, logger, state, save)
     t0 = time.perf_counter()
-    final = evaluate(algo, model, test, args, "after GRPO")
+    end = {"phase": "final", "step": state["rl_step"]}
+    final = evaluate(algo, model, test, args, "after GRPO", logger, **end)
     add_seconds(state, "final_eval", time.perf_counter() - t0)
     best = {}
     if args.validation:
-        v = evaluate(algo, model, val, args, "after GRPO (validation)")["accuracy"]
+        v = evaluate(algo, model, val, args, "after GRPO (validation)", logger, **end)["accuracy"]
         if v > state["val_best_accuracy"]:
             state.update(val_best_accuracy=v, best_step=state["rl_step"])
             save(state, "best")
@@ -1026,7 +1166,8 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
             best_test = final["accuracy"]
         else:
             best_algo, best_model, _ = evaluation.load_checkpoint(out / "best", model.device)
-            best_test = evaluate(best_algo, best_model, test, args, f"best validation (step {state['best_step']})")["accuracy"]
+            best_test = evaluate(best_algo, best_model, test, args, f"best validation (step {state['best_step']})",
+                                 logger, **end)["accuracy"]
         best = {"val_init_accuracy": state["val_init_accuracy"], "val_final_accuracy": v,
                 "val_best_accuracy": state["val_best_accuracy"], "best_step": state["best_step"],
                 "test_best_accuracy": best_test, "val_size": len(val)}

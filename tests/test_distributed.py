@@ -62,6 +62,9 @@ class NoLogger:
     def log(self, record):
         pass
 
+    def samples(self, rows):
+        pass
+
 
 def sft_update(algo: str, parallel: str) -> dict:
     args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--cot-steps", "1",

@@ -278,8 +278,18 @@ def test_evaluate_by_hand():
     assert res["frac_never_exited"] == pytest.approx(1 / 6)
     assert res["num_examples"] == 3 and res["runs"] == 2
     assert res["examples"][1] == {"question": "q1", "gold": "2", "completions": ["### 5", "### 2"],
-                                  "predictions": ["5", "2"], "num_correct": 1}
+                                  "predictions": ["5", "2"], "latent_steps": [6, 6], "num_correct": 1}
     json.dumps(res, allow_nan=False)                          # JSON-ready
+
+
+def test_evaluate_keeps_the_first_examples_only_when_asked():
+    records = [{"question": f"q{i}", "steps": [], "answer": "1"} for i in range(3)]
+    def kept(n):
+        algo = TableAlgo({f"q{i}": [("### 1", 2, 4, False)] for i in range(3)})
+        res = ev.evaluate(algo, FakeModel(), records, keep_examples=True, keep_first=n)
+        assert res["num_examples"] == 3
+        return [ex["question"] for ex in res["examples"]]
+    assert kept(2) == ["q0", "q1"] and kept(5) == kept(None) == ["q0", "q1", "q2"]
 
 
 def test_evaluate_without_examples_and_all_truncated():

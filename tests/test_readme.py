@@ -14,13 +14,14 @@ import pytest
 import bench
 import eval as evaluation
 import grad_variance
+import plot
 import results
 import train
 from test_train import ALGO_TINY, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"train.py": train, "eval.py": evaluation, "results.py": results, "bench.py": bench,
-           "grad_variance.py": grad_variance}
+           "grad_variance.py": grad_variance, "plot.py": plot}
 PLACEHOLDERS = {"ALGO": "dropout_grpo", "S": "0", "R": "0", "DIR": "dir", "HOST:29500": "localhost:29500"}
 RUN_DIRS = ("runs/default", "RUN/best", "RUN/init", "RUN/checkpoint", "RUN", "runs/coconut-dgrpo",
             "runs/latent-grpo-llama")
@@ -49,7 +50,7 @@ COMMANDS = readme_commands()
 
 def test_the_readme_has_its_commands():
     scripts = {s for _, s, _ in COMMANDS}
-    assert {"train.py", "eval.py", "results.py", "bench.py", "grad_variance.py"} <= scripts
+    assert {"train.py", "eval.py", "results.py", "bench.py", "grad_variance.py", "plot.py"} <= scripts
     assert any(argv == ["--p", "0", "--temperature", "0.01"] for _, _, argv in COMMANDS)
 
 

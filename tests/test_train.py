@@ -213,8 +213,9 @@ def test_validation_selects_and_test_scores_the_report(tmp_path, monkeypatch):
     val_q, test_q = {r["question"] for r in splits["validation"][:4]}, {r["question"] for r in splits["test"][:4]}
     seen = []
     real = train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda algo, model, records, args, name:
-                        seen.append((name, {r["question"] for r in records})) or real(algo, model, records, args, name))
+    monkeypatch.setattr(train, "evaluate", lambda algo, model, records, args, name, *logger, **where:
+                        seen.append((name, {r["question"] for r in records}))
+                        or real(algo, model, records, args, name, *logger, **where))
     out = tmp_path / "run"
     summary = train.main(["--out", str(out), *TINY, *ALGO_TINY["dropout_grpo"]])
     during = [q for name, q in seen if name.startswith("grpo step") or "(validation)" in name]
@@ -256,10 +257,10 @@ def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     rows = [{"phase": "sft", "stage": 0, "step": 0}, {"phase": "sft", "stage": 1, "step": 0},
             {"phase": "rl", "step": 1}, {"phase": "rl", "step": 2}, {"phase": "rl", "step": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train.Logger(path, {"sft_stage": 2, "rl_step": 2}).log({"phase": "rl", "step": 3})
+    train.Logger(tmp_path, {"sft_stage": 2, "rl_step": 2}).log({"phase": "rl", "step": 3})
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4] + [{"phase": "rl", "step": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    train.Logger(path, {"sft_stage": 1, "rl_step": 0})   # killed during stage 1: its rows go, stage 0's stay
+    train.Logger(tmp_path, {"sft_stage": 1, "rl_step": 0})   # killed during stage 1: its rows go, stage 0's stay
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:1]
 
 
