@@ -1116,7 +1116,7 @@ def main(argv=None) -> dict:
     def save(s, where="checkpoint"):
         save_checkpoint(out, model, tokenizer, algo, args.algo, algo_cfg, s, where)
         if where == "checkpoint":
-            saved.update(sft_stage=s["sft_stage"], rl_step=s["rl_step"])
+            saved.update(sft_stage=s["sft_stage"], rl_step=s["rl_step"], init="init_accuracy" in s)
     if distributed.is_main():
         print(f"{args.algo} on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train)} train / {len(val)} validation / {len(test)} eval questions -> {out}")
@@ -1126,7 +1126,8 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         if not saved and not resuming:
             raise Interrupted(f"interrupted before the first checkpoint; {out}/metrics.jsonl holds what was logged") from None
-        where = (f"GRPO step {saved['rl_step']}" if saved.get("rl_step") else
+        where = (f"at GRPO step {saved['rl_step']}" if saved.get("rl_step") else
+                 "at the latent initialisation, before GRPO" if saved.get("init") else
                  f"after SFT stage {saved['sft_stage'] - 1}" if saved else "as it was resumed")
         raise Interrupted(f"interrupted: {out}/checkpoint holds the run {where}; continue it with --resume true") from None
     finally:
@@ -1142,15 +1143,15 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
         init = evaluate(algo, model, test, args, "latent initialisation", logger, phase="init")
         add_seconds(state, "init_eval", time.perf_counter() - t0)
         state.update(init_accuracy=init["accuracy"], init_latent_steps=init["mean_latent_steps"], init_length=init["mean_length"])
-        save(state)
-        # a copy of the latent initialisation this run trained, so that GRPO variants can start from the very same
-        # weights: python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
-        if trains_init:
-            save(state, "init")
         if args.validation:   # the initialisation is the first candidate for RUN/best
             v = evaluate(algo, model, val, args, "latent initialisation (validation)", logger, phase="init")["accuracy"]
             state.update(val_init_accuracy=v, val_best_accuracy=v, best_step=0)
             save(state, "best")
+        # a copy of the latent initialisation this run trained, so that GRPO variants can start from the very same
+        # weights: python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
+        if trains_init:
+            save(state, "init")
+        save(state)   # last: a run resumed from here has best/ and init/ already
     run_rl(args, algo, model, train, val if args.validation else test, out, logger, state, save)
     t0 = time.perf_counter()
     end = {"phase": "final", "step": state["rl_step"]}

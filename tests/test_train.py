@@ -264,22 +264,24 @@ def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:1]
 
 
-def test_ctrl_c_names_the_checkpoint_and_leaves_it_consistent(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at_step, where", [(1, "at the latent initialisation, before GRPO"), (2, "at GRPO step 1")])
+def test_ctrl_c_names_the_checkpoint_and_leaves_it_consistent(tmp_path, monkeypatch, at_step, where):
+    """Interrupted in GRPO's first step (the checkpoint is the initialisation's, validation scored) or its second."""
     real = train.grpo_step
     calls = []
 
-    def interrupted_at_step_2(*a, **k):
+    def interrupted(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at_step:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "grpo_step", interrupted_at_step_2)
+    monkeypatch.setattr(train, "grpo_step", interrupted)
     out = tmp_path / "run"
-    with pytest.raises(train.Interrupted, match="GRPO step 1; continue it with --resume true"):
+    with pytest.raises(train.Interrupted, match=f"{where}; continue it with --resume true"):
         train.main(["--out", str(out), *TINY, *ALGO_TINY["dropout_grpo"]])
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["rl_step"] == 1 and not list(out.glob(".checkpoint-*"))
+    assert state["rl_step"] == at_step - 1 and "val_best_accuracy" in state and not list(out.glob(".checkpoint-*"))
     monkeypatch.setattr(train, "grpo_step", real)
     summary = train.main(["--out", str(out), "--resume", "true", *TINY, *ALGO_TINY["dropout_grpo"]])
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
