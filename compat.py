@@ -7,13 +7,16 @@ pass their cache under the name the model's own forward declares; bench.py reads
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 
-@functools.cache
+_CACHE_NAMES: dict = {}   # model class -> its forward's name for the cache (a plain dict: torch.compile traces it)
+
+
 def _cache_name(cls) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    if cls not in _CACHE_NAMES:
+        _CACHE_NAMES[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return _CACHE_NAMES[cls]
 
 
 def cache_arg(model, cache) -> dict:

@@ -1136,7 +1136,9 @@ def main(argv=None) -> dict:
 
 def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logger, state, save, config, t_start) -> dict:
     """SFT, the initialisation's evaluation, GRPO, the final evaluations and the summary."""
-    trains_init = args.cot_steps > 0 or args.sft_steps > 0
+    # init/ is written when this run made the initialisation: trained it, or converted a Coconut .pt (--init-from),
+    # which exists nowhere as a Hugging Face checkpoint; a --model directory is not copied again
+    writes_init = args.cot_steps > 0 or args.sft_steps > 0 or bool(args.init_from)
     run_sft(args, algo, model, train, test, logger, state, save)
     if "init_accuracy" not in state:
         t0 = time.perf_counter()
@@ -1149,7 +1151,7 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
             save(state, "best")
         # a copy of the latent initialisation this run trained, so that GRPO variants can start from the very same
         # weights: python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
-        if trains_init:
+        if writes_init:
             save(state, "init")
         save(state)   # last: a run resumed from here has best/ and init/ already
     run_rl(args, algo, model, train, val if args.validation else test, out, logger, state, save)

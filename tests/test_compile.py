@@ -10,6 +10,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import data
 import dropout_grpo as dg
+from compat import cache_arg
 import latent_grpo as lg
 
 QUESTIONS = ["Ann has 3 pens.", "Ben has 12 cards. Then Ben finds 4 more."]
@@ -128,7 +129,7 @@ def test_static_cache_matches_dynamic_cache(module):
     with torch.no_grad():
         for kind in ("dynamic", "static", "reused"):
             cache = DynamicCache()
-            model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_arg(model, cache), use_cache=True)
             mask, position = attn[rows], pos[rows, -1:]
             if kind == "dynamic":
                 cache.reorder_cache(rows)

@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import data
 import dropout_grpo as dg
+from compat import cache_arg, output_cache
 from dropout_grpo import Config, DropoutGRPO, Rollout, group_advantages, sample_mask
 
 QUESTIONS = ["Ann has 3 pens.", "Ben has 12 cards. Then Ben finds 4 more.", "Kim has 7 coins. Then Kim gives 2."]
@@ -106,11 +107,11 @@ def coconut_forward(model, input_ids, attention_mask, position_ids, latent_id):
         # Coconut truncates the previous cache to r0 positions; a DynamicCache here holds exactly r0 already
         assert kv_cache is None or kv_cache.get_seq_length() == r0
         outputs = model(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                        position_ids=position_ids[:, r0:r1], past_key_values=kv_cache, use_cache=True,
+                        position_ids=position_ids[:, r0:r1], **cache_arg(model, kv_cache), use_cache=True,
                         output_hidden_states=True)
         logits.append(outputs.logits)
         next_compute_range = (r1, L if pass_idx + 1 >= max_n_latents else r1 + 1)
-        hidden_states, kv_cache = outputs.hidden_states[-1], outputs.past_key_values
+        hidden_states, kv_cache = outputs.hidden_states[-1], output_cache(outputs)
         tensor_list = [[inputs_embeds[b, pos] for pos in range(L)] for b in range(len(input_ids))]
         for b, lst in enumerate(latent_lists):
             if len(lst) > pass_idx:
@@ -118,7 +119,7 @@ def coconut_forward(model, input_ids, attention_mask, position_ids, latent_id):
         inputs_embeds = torch.stack([torch.stack(row) for row in tensor_list])
     r0, r1 = next_compute_range
     outputs = model(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                    position_ids=position_ids[:, r0:r1], past_key_values=kv_cache, use_cache=True)
+                    position_ids=position_ids[:, r0:r1], **cache_arg(model, kv_cache), use_cache=True)
     logits.append(outputs.logits)
     return torch.cat(logits, dim=-2)
 
