@@ -40,6 +40,7 @@ class Row:
 TABLES = {
     "dropout_grpo": [
         Row("default", "Coconut initialisation -> Dropout-GRPO (p 0.05, answers T 1)"),
+        Row("no_cot", "Coconut's no-CoT (answer only, `--method no_cot`) -> GRPO (p 0.05)", ("--method", "no_cot")),
         Row("p0", "GRPO without the mask (p 0, answers T 1: Temp-GRPO)", ("--p", "0"), start="default"),
         Row("greedy", "Dropout-GRPO, near-greedy answers (p 0.05, T 0.01)", ("--temperature", "0.01"), start="default"),
         Row("greedy_p0", "GRPO, near-greedy answers, no mask (p 0, T 0.01)", ("--p", "0", "--temperature", "0.01"),

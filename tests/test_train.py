@@ -292,6 +292,7 @@ def test_ctrl_c_names_the_checkpoint_and_leaves_it_consistent(tmp_path, monkeypa
 def test_ctrl_c_on_the_command_line_is_one_line_and_exit_130(tmp_path):
     """The CLI's contract, with SIGINT raised inside GRPO's first step (a subprocess, so the signal is real)."""
     script = ("import os, signal, sys, train\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"   # as at a terminal, even under nohup / &
               "real = train.grpo_step\n"
               "def step(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(*a, **k)\n"
               "train.grpo_step = step\n"
@@ -306,8 +307,12 @@ def test_sigint_while_a_checkpoint_moves_into_place_waits_for_the_move():
     import os
     import signal
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with train.interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("moved")
-    assert done == ["moved"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)   # as at a terminal, even under nohup / &
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with train.interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("moved")
+        assert done == ["moved"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
