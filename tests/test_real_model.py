@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dropout_grpo
 import train
 
 CACHE = Path(os.environ.get("LATENT_RL_CACHE", Path.home() / ".cache" / "latent-rl")) / "SmolLM2-135M-Instruct"
@@ -54,3 +55,37 @@ def test_explicit_grpo_on_smollm2(smollm2, tmp_path):
     [rl] = rl_records(out)
     assert math.isfinite(rl["loss"]) and math.isfinite(rl["grad_norm"])
     assert (out / "checkpoint" / "config.json").exists()
+
+
+def test_dropout_grpo_with_its_curriculum_on_smollm2(smollm2, tmp_path):
+    """Coconut's curriculum (tokens added, every stage trained) and Dropout-GRPO on a Llama: the mask hooks reach the
+    Llama modules, so one group's latent thoughts differ (dropout/latent_spread > 0; without the mask they are one trajectory)."""
+    out = tmp_path / "run"
+    train.main(["--algo", "dropout_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1",
+                "--sft-steps", "1", "--sft-batch-size", "2", "--max-latent-stage", "1", "--max-new-tokens", "8",
+                "--allow-degenerate", "true", *BUDGET])
+    records = list(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    sft = [r for r in records if r["phase"] == "sft"]
+    assert {r["stage"] for r in sft} == {0, 1, 2} and all(math.isfinite(r["loss"]) for r in sft)
+    [rl] = rl_records(out)
+    assert math.isfinite(rl["loss"]) and math.isfinite(rl["grad_norm"])
+    assert rl["latent/mean_steps"] > 0 and rl["dropout/latent_spread"] > 0
+    from transformers import AutoTokenizer
+    added = AutoTokenizer.from_pretrained(out / "init").get_added_vocab()
+    assert all(any(name in added for name in names) for names in dropout_grpo.TOKEN_NAMES.values())
+
+
+def test_latent_grpo_from_latent_sft_on_smollm2_in_bf16_resumes(smollm2, tmp_path):
+    """Latent-SFT's stages (a second copy of the body as the encoder), then Latent-GRPO under bfloat16 autocast; a
+    resumed run continues at the next step with no step logged twice."""
+    out = tmp_path / "run"
+    argv = ["--algo", "latent_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1", "--sft-steps", "1",
+            "--sft-batch-size", "2", "--max-response-length", "8", "--bf16", "true", "--allow-degenerate", "true", *BUDGET]
+    train.main(argv)
+    sft = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
+    assert {r["stage"] for r in sft} == {0, 1, 2, 3, 4} and all(math.isfinite(r["loss"]) for r in sft)
+    assert json.loads((out / "config.json").read_text())["args"]["bf16"] is True
+    summary = train.main([*argv, "--max-steps", "2", "--resume", "true"])
+    rl = rl_records(out)
+    assert summary["steps"] == 2 and [r["step"] for r in rl] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rl)
