@@ -59,7 +59,8 @@ def test_explicit_grpo_on_smollm2(smollm2, tmp_path):
 
 def test_dropout_grpo_with_its_curriculum_on_smollm2(smollm2, tmp_path):
     """Coconut's curriculum (tokens added, every stage trained) and Dropout-GRPO on a Llama: the mask hooks reach the
-    Llama modules, so one group's latent thoughts differ (dropout/latent_spread > 0; without the mask they are one trajectory)."""
+    Llama modules, so one group's latent thoughts differ (dropout/latent_spread > 0; without the mask they are one
+    trajectory)."""
     out = tmp_path / "run"
     train.main(["--algo", "dropout_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1",
                 "--sft-steps", "1", "--sft-batch-size", "2", "--max-latent-stage", "1", "--max-new-tokens", "8",
@@ -79,8 +80,9 @@ def test_latent_grpo_from_latent_sft_on_smollm2_in_bf16_resumes(smollm2, tmp_pat
     """Latent-SFT's stages (a second copy of the body as the encoder), then Latent-GRPO under bfloat16 autocast; a
     resumed run continues at the next step with no step logged twice."""
     out = tmp_path / "run"
-    argv = ["--algo", "latent_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1", "--sft-steps", "1",
-            "--sft-batch-size", "2", "--max-response-length", "8", "--bf16", "true", "--allow-degenerate", "true", *BUDGET]
+    argv = ["--algo", "latent_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1",
+            "--sft-steps", "1", "--sft-batch-size", "2", "--max-response-length", "8", "--bf16", "true",
+            "--allow-degenerate", "true", *BUDGET]
     train.main(argv)
     sft = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
     assert {r["stage"] for r in sft} == {0, 1, 2, 3, 4} and all(math.isfinite(r["loss"]) for r in sft)
