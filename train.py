@@ -1149,7 +1149,7 @@ def pipeline(args, algo, model, tokenizer, algo_cfg, train, val, test, out, logg
             v = evaluate(algo, model, val, args, "latent initialisation (validation)", logger, phase="init")["accuracy"]
             state.update(val_init_accuracy=v, val_best_accuracy=v, best_step=0)
             save(state, "best")
-        # a copy of the latent initialisation this run trained, so that GRPO variants can start from the very same
+        # a copy of the latent initialisation this run made, so that GRPO variants can start from the very same
         # weights: python train.py --model RUN/init --cot-steps 0 --sft-steps 0 ...
         if writes_init:
             save(state, "init")

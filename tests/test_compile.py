@@ -10,8 +10,8 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import data
 import dropout_grpo as dg
-from compat import cache_arg
 import latent_grpo as lg
+from compat import cache_arg
 
 QUESTIONS = ["Ann has 3 pens.", "Ben has 12 cards. Then Ben finds 4 more."]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import dropout_grpo
 import train
@@ -43,8 +44,9 @@ BUDGET = ["--max-steps", "1", "--num-prompts", "1", "--num-generations", "2", "-
           "--batch-size-eval", "2", "--eval-every", "0", "--save-every", "1", "--threads", "2"]
 
 
-def rl_records(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "rl"]
+def records(out: Path, phase: str) -> list[dict]:
+    """The rows of one phase ("sft", "rl") of a run's metrics.jsonl."""
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["phase"] == phase]
 
 
 def test_explicit_grpo_on_smollm2(smollm2, tmp_path):
@@ -52,7 +54,7 @@ def test_explicit_grpo_on_smollm2(smollm2, tmp_path):
     out = tmp_path / "run"
     train.main(["--algo", "latent_grpo", "--latent", "false", "--model", str(smollm2), "--out", str(out),
                 "--cot-steps", "0", "--sft-steps", "0", "--max-response-length", "8", "--temperature", "1.0", *BUDGET])
-    [rl] = rl_records(out)
+    [rl] = records(out, "rl")
     assert math.isfinite(rl["loss"]) and math.isfinite(rl["grad_norm"])
     assert (out / "checkpoint" / "config.json").exists()
 
@@ -65,13 +67,11 @@ def test_dropout_grpo_with_its_curriculum_on_smollm2(smollm2, tmp_path):
     train.main(["--algo", "dropout_grpo", "--model", str(smollm2), "--out", str(out), "--cot-steps", "1",
                 "--sft-steps", "1", "--sft-batch-size", "2", "--max-latent-stage", "1", "--max-new-tokens", "8",
                 "--allow-degenerate", "true", *BUDGET])
-    records = list(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
-    sft = [r for r in records if r["phase"] == "sft"]
+    sft = records(out, "sft")
     assert {r["stage"] for r in sft} == {0, 1, 2} and all(math.isfinite(r["loss"]) for r in sft)
-    [rl] = rl_records(out)
+    [rl] = records(out, "rl")
     assert math.isfinite(rl["loss"]) and math.isfinite(rl["grad_norm"])
     assert rl["latent/mean_steps"] > 0 and rl["dropout/latent_spread"] > 0
-    from transformers import AutoTokenizer
     added = AutoTokenizer.from_pretrained(out / "init").get_added_vocab()
     assert all(any(name in added for name in names) for names in dropout_grpo.TOKEN_NAMES.values())
 
@@ -84,10 +84,10 @@ def test_latent_grpo_from_latent_sft_on_smollm2_in_bf16_resumes(smollm2, tmp_pat
             "--sft-steps", "1", "--sft-batch-size", "2", "--max-response-length", "8", "--bf16", "true",
             "--allow-degenerate", "true", *BUDGET]
     train.main(argv)
-    sft = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
+    sft = records(out, "sft")
     assert {r["stage"] for r in sft} == {0, 1, 2, 3, 4} and all(math.isfinite(r["loss"]) for r in sft)
     assert json.loads((out / "config.json").read_text())["args"]["bf16"] is True
     summary = train.main([*argv, "--max-steps", "2", "--resume", "true"])
-    rl = rl_records(out)
+    rl = records(out, "rl")
     assert summary["steps"] == 2 and [r["step"] for r in rl] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rl)
