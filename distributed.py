@@ -22,6 +22,7 @@ per backward pass, which per-layer resharding after each call would break. Gradi
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -143,11 +144,15 @@ def fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def average_gradients(model) -> None:
-    """ddp: each gradient becomes the mean over ranks, as DistributedDataParallel's; fsdp reduce-scatters its own."""
-    if world() == 1 or fsdp(model):
+def average_gradients(params) -> None:
+    """ddp: each gradient of `params` (every parameter the step trains, a second network's too) becomes the mean over
+    ranks, as DistributedDataParallel's. fsdp reduce-scatters the gradients of the parameters it shards (DTensors)
+    itself; any other trained parameter (Latent-SFT's encoder, which is not sharded) is averaged here."""
+    if world() == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p, DTensor)]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -160,19 +165,38 @@ def average_gradients(model) -> None:
 @contextlib.contextmanager
 def gathered(model, layers: bool = True):
     """fsdp: the full weights for the phase inside (layers=False: only the model's own, non-layer weights, for a
-    forward + backward whose layers gather themselves). Elsewhere a no-op."""
+    forward + backward whose layers gather themselves). Elsewhere a no-op.
+
+    The model's own weights (embeddings, final norm, head) may be read outside its forward call (Latent-GRPO mixes
+    embedding rows into its inputs), so part of their gradient arrives after FSDP's post-backward hook, which fires
+    when the gradient of the forward's inputs is ready and reduce-scatters what has arrived by then. What arrives
+    later is left on the gathered weight: it is averaged here when the phase ends, as FSDP averages, and added to
+    the sharded gradient. The decoder layers are used only inside their own forward calls."""
     if world() == 1 or not fsdp(model):
         yield
         return
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import distribute_tensor
 
+    in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    sharded = {n: p for n, p in model.named_parameters() if id(p) not in in_layers}   # the model's own, DTensors
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if layers else [model]
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
         m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
+    full = {n: p for n, p in model.named_parameters() if n in sharded}   # the same weights, gathered
     try:
         yield
+        # every rank runs the same computation, so the same weights have a late gradient on every rank, in order
+        for n, p in full.items():
+            if p.grad is None:
+                continue
+            dist.all_reduce(p.grad)
+            p.grad /= world()                               # g = (1 / world) sum_r g_r, as FSDP's reduce-scatter
+            shard = distribute_tensor(p.grad, sharded[n].device_mesh, sharded[n].placements, src_data_rank=None)
+            sharded[n].grad = shard if sharded[n].grad is None else sharded[n].grad + shard
+            p.grad = None
     finally:
         for m in modules:
             m.reshard()
@@ -180,9 +204,47 @@ def gathered(model, layers: bool = True):
             m.set_reshard_after_backward(True, recurse=False)
 
 
-def grad_norm_value(norm) -> torch.Tensor:
-    """clip_grad_norm_ over FSDP's sharded gradients returns a DTensor: its global value."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+def ordinary_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """copy.deepcopy(module), also of a Hugging Face module that FSDP2 has sharded, or whose layers it has (deepcopy
+    refuses those): the copy is then rebuilt from the module's own class and config on the meta device and given
+    the full weights, gathered on every rank, and the buffers: an ordinary, unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(m, FSDPModule) for m in module.modules()):
+        return copy.deepcopy(module)
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))   # FSDP<cls> -> cls
+    with torch.device("meta"):
+        out = cls(module.config)
+    # every rank gathers every weight, in the same order (state_dict holds the sharded DTensors)
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in module.state_dict().items()}
+    out.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in module.named_buffers():   # non-persistent buffers too (rotary frequencies)
+        owner, _, leaf = name.rpartition(".")
+        out.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    if hasattr(out, "tie_weights"):
+        out.tie_weights()
+    assert not any(t.is_meta for t in [*out.parameters(), *out.buffers()]), "a weight was not copied"
+    return out.train(module.training)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, whose value is the global norm: fsdp's sharded gradients (DTensors) give a
+    DTensor norm, read as its full value; a mix of sharded and ordinary gradients (Latent-SFT's encoder beside the
+    sharded decoder) is clipped by the norm of both, ||g|| = sqrt(||g_sharded||^2 + ||g_ordinary||^2)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    parts = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    if world() == 1 or not all(parts):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in part]) for part in parts]
+    norm = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).norm()
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))   # clip_grad_norm_'s coefficient, clamped at 1
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -580,9 +580,9 @@ class LatentGRPO:
         weights = (torch.arange(c) < sizes[..., None]) / sizes.clamp(min=1)[..., None]              # (B, T, c)
         return {"ids": ids, "weights": weights, "attention_mask": (sizes > 0).long(), "target_mask": target_mask}
 
-    def sft_loss(self, model, batch) -> torch.Tensor:
+    def sft_loss(self, model, batch) -> torch.Tensor | dict[str, torch.Tensor]:
         """Soft cross-entropy -sum_v q_v log p_v, token-mean over the target positions (embeddings train here).
-        Latent-SFT's stages: latent_sft.LatentSFT.loss."""
+        Latent-SFT's stages: latent_sft.LatentSFT.loss (stage 2: its two terms by name)."""
         if "enc_ids" in batch:
             return self.sft.loss(model, batch, self.stage)
         b = {k: v.to(model.device) for k, v in batch.items()}
@@ -593,8 +593,11 @@ class LatentGRPO:
         mask = b["target_mask"][:, 1:]
         return (ce * mask).sum() / mask.sum()
 
-    def sft_normaliser(self, batch) -> float:
-        """What `sft_loss` divides by: its target positions (train.py sums it over ranks under torchrun)."""
+    def sft_normaliser(self, batch) -> float | dict[str, float]:
+        """What `sft_loss` divides by: its target positions (train.py sums it over ranks under torchrun).
+        Latent-SFT's stages: latent_sft.LatentSFT.normaliser."""
+        if "enc_ids" in batch:
+            return self.sft.normaliser(batch, self.stage)
         return float(batch["target_mask"][:, 1:].sum())
 
     # ---- RL; the model is in eval() mode from here on ----

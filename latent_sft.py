@@ -29,12 +29,12 @@ Deliberate simplifications, all [I] in the spec (6.2):
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
+import distributed
 import latent_grpo
 
 INITIAL, LATENT, SPACER, FINAL = 0, 1, 2, 3   # decoder segment kinds (spec 3)
@@ -154,8 +154,8 @@ class LatentEncoder(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.body = copy.deepcopy(model.base_model)
-        E = model.get_input_embeddings().weight
+        self.body = distributed.ordinary_copy(model.base_model)   # copy.deepcopy, also of a sharded body (fsdp)
+        E = self.body.get_input_embeddings().weight   # the decoder's embeddings, copied
         # the new token starts at the mean embedding, a neutral point (as Latent-GRPO's added tokens)
         self.compress = torch.nn.Parameter(E.detach().mean(0).clone())
 
@@ -174,7 +174,7 @@ def latents(hidden: torch.Tensor, embedding: torch.Tensor, top_k: int):
     E = embedding.detach()                       # the gradient reaches the encoder only through the weights (1.4)
     logits = hidden.to(E.dtype) @ E.T                                                  # (n, V)
     top, ids = logits.topk(top_k, dim=-1)
-    w = top.float().softmax(-1)
+    w = latent_grpo._fp32(top).softmax(-1)           # at least float32 (float64 stays float64)
     return ids, w, latent_grpo.soft_embedding(E, ids, w)
 
 
@@ -281,13 +281,22 @@ class LatentSFT:
         if stage < 4:
             # 1.4: one token-level CE over the decoder's labels (shifted: the logit at Z_j predicts S_{j+1}'s first)
             _, _, Z = self.encode(model, b)
-            logits = self.decoder_logits(model, b, Z).float()
+            logits = latent_grpo._fp32(self.decoder_logits(model, b, Z))
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), b["dec_labels"][:, 1:].flatten(), ignore_index=-100)
         return self.stage2_loss(model, b)
 
-    def stage2_loss(self, model, b: dict) -> torch.Tensor:
+    def normaliser(self, b: dict, stage: int):
+        """What `loss` divides by: the labelled tokens of stage 1's CE; stage 2's two terms, by name: the labelled
+        tokens of its CE and its examples (the KL's mean over examples). The loop sums them over ranks."""
+        if stage < 4:
+            return float((b["dec_labels"][:, 1:] != -100).sum())
+        return {"tokens": float((b["s2_labels"][:, 1:] != -100).sum()), "examples": float(len(b["num_latent"]))}
+
+    def stage2_loss(self, model, b: dict) -> dict[str, torch.Tensor]:
         """Spec 1.6: L = CE(</think>, answer, EOS) + KL(p~ || student) at the position before each latent slot, with
-        the teacher latents of the frozen stage-1 encoder, Gumbel-augmented (4) on the input and the target alike."""
+        the teacher latents of the frozen stage-1 encoder, Gumbel-augmented (4) on the input and the target alike.
+        -> the two terms by the count each is a mean over (`normaliser`): {"tokens": CE, "examples": KL}; L is
+        their sum."""
         with torch.no_grad():
             self.encoder.eval()
             ids, q, _ = self.encode(model, b)                                          # (n, K) teacher labels
@@ -297,12 +306,12 @@ class LatentSFT:
                            for qe, ie in zip(q.split(counts), ids.split(counts))])
         E = model.get_input_embeddings().weight
         x = E[b["s2_ids"]].masked_scatter(b["s2_latent"][..., None], latent_grpo.soft_embedding(E, ids, p).to(E.dtype))
-        logits = model(inputs_embeds=x, attention_mask=b["s2_attention"]).logits.float()   # (B, T, V)
+        logits = latent_grpo._fp32(model(inputs_embeds=x, attention_mask=b["s2_attention"]).logits)   # (B, T, V)
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["s2_labels"][:, 1:].flatten(), ignore_index=-100)
         # the logit one position before latent slot t (the last <think> token, then each previous latent) scores it
         before = b["s2_latent"][:, 1:]                                                 # (B, T-1)
         kl = topk_kl(logits[:, :-1][before], p, ids)                                   # (n,)
         # mean over an example's latents, then over the batch
         example = torch.repeat_interleave(torch.arange(len(counts), device=kl.device), b["num_latent"])
-        per_example = torch.zeros(len(counts), device=kl.device).index_add(0, example, kl) / b["num_latent"].clamp(min=1)
-        return ce + per_example.mean()
+        per_example = kl.new_zeros(len(counts)).index_add(0, example, kl) / b["num_latent"].clamp(min=1)
+        return {"tokens": ce, "examples": per_example.mean()}

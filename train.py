@@ -843,13 +843,15 @@ def run_sft(args, algo, model, train, test, logger, state, save):
                 opt.state.clear()
             batch = algo.sft_batch(distributed.share(rng.sample(train, args.sft_batch_size)), stage)  # torchrun: a share
             opt.zero_grad(set_to_none=True)
-            weight = sft_weight(algo, batch)
+            weights = sft_weights(algo, batch)
             with precision(args, model), checkpointed_layers(model, args.gradient_checkpointing), \
                     distributed.gathered(model):
-                loss = algo.sft_loss(model, batch)
-                (loss * weight).backward()
-            distributed.average_gradients(model)  # torchrun
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                terms = algo.sft_loss(model, batch)   # one mean, or named means over different counts
+                terms = terms if isinstance(terms, dict) else {None: terms}
+                sum(weights.get(k, 1.0) * term for k, term in terms.items()).backward()
+                loss = sum(terms.values())
+            distributed.average_gradients(params)  # torchrun: every trained parameter, the encoder's included
+            distributed.clip_grad_norm(params, args.max_grad_norm)  # torchrun: the global norm
             opt.step()
             sched.step()
             if step % 50 == 0 or step == steps - 1:
@@ -921,13 +923,16 @@ def micro_batches(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def sft_weight(algo, batch) -> float:
-    """torchrun: the SFT loss is a token mean over the global batch, so each rank's mean counts with its share of
-    the tokens, times the number of ranks since the gradients are averaged. 1 in one process."""
+def sft_weights(algo, batch) -> dict:
+    """torchrun: the SFT loss is a mean over the global batch (of tokens; Latent-SFT's stage 2 adds a mean over
+    examples), so each rank's mean counts with its share of the global count, times the number of ranks since the
+    gradients are averaged:  w_r = world * n_r / sum_r' n_r'.  A loss of several terms names each term's count
+    (sft_normaliser returns {name: n}, sft_loss {name: mean}). {} (weight 1) in one process."""
     if distributed.world() == 1:
-        return 1.0
-    n = algo.sft_normaliser(batch)
-    return distributed.world() * n / distributed.sum_float(n)
+        return {}
+    counts = algo.sft_normaliser(batch)
+    counts = counts if isinstance(counts, dict) else {None: counts}
+    return {k: distributed.world() * n / distributed.sum_float(n) for k, n in sorted(counts.items(), key=str)}
 
 
 def batched_logprobs(args, algo, model, rollout):
@@ -978,9 +983,9 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
                     (loss * weight).backward()
                 for k, v in {"loss": loss.item(), **stats}.items():  # mini-batch metrics: the same weighted sum
                     metrics[k] = metrics.get(k, 0.0) + weight * float(v)
-            distributed.average_gradients(model)  # torchrun
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-            grad_norm = distributed.grad_norm_value(grad_norm)
+            distributed.average_gradients([p for p in model.parameters() if p.requires_grad])  # torchrun
+            # torchrun: the global norm (clip_grad_norm_ in one process)
+            grad_norm = distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 opt.step()
             metrics["grad_norm"] = grad_norm.item()

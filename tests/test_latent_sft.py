@@ -198,6 +198,11 @@ def sft_algo(tok, kind="gpt2", c=2, K=3, seed=0, noise=1.0):
     return model, algo
 
 
+def total(loss):
+    """The SFT loss: one mean, or the sum of stage 2's named terms (CE over tokens, KL over examples)."""
+    return sum(loss.values()) if isinstance(loss, dict) else loss
+
+
 def grads(params):
     return [p.grad for p in params]
 
@@ -210,7 +215,7 @@ def test_gradient_routing(tok, stage):
     model.train()
     params = algo.sft_parameters(model, stage)
     algo.stage = stage
-    algo.sft_loss(model, algo.sft_batch(data.synthetic_task(3, 0), stage)).backward()
+    total(algo.sft_loss(model, algo.sft_batch(data.synthetic_task(3, 0), stage))).backward()
     encoder = list(algo.sft.encoder.parameters())
     decoder = [p for n, p in model.named_parameters() if "wte" not in n]
     E = model.get_input_embeddings().weight
@@ -368,7 +373,7 @@ def test_losses_fall(tok):
         losses = []
         for _ in range(12):
             opt.zero_grad()
-            loss = algo.sft_loss(model, b)
+            loss = total(algo.sft_loss(model, b))
             loss.backward()
             opt.step()
             losses.append(loss.item())
