@@ -217,7 +217,8 @@ def ordinary_copy(module: torch.nn.Module) -> torch.nn.Module:
     with torch.device("meta"):
         out = cls(module.config)
     # every rank gathers every weight, in the same order (state_dict holds the sharded DTensors)
-    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in module.state_dict().items()}
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+             for k, v in module.state_dict().items()}
     out.load_state_dict(state, strict=False, assign=True)
     for name, buffer in module.named_buffers():   # non-persistent buffers too (rotary frequencies)
         owner, _, leaf = name.rpartition(".")

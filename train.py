@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import copy
 import dataclasses
 import functools
 import importlib
@@ -249,6 +248,40 @@ PRESETS = {
             "max_steps": 60250, "eval_every": 10, "save_every": 40,   # §7: validation every 10, checkpoint every 40
             # [I] one GPU instead of 8: bf16 autocast, 16 rows per forward / backward (estimated peak ~35 GB)
             "bf16": True, "micro_batch_size": 16,
+        },
+    },
+    "latent-grpo-math-qwen": {
+        "help": "Latent-SFT Qwen2.5-Math-7B checkpoint (--model) -> Latent-GRPO on DAPO-Math-17k, eval on MATH-500; "
+                "under torchrun --parallel fsdp on 8 GPUs",
+        "requires": {"model": "the Latent-SFT checkpoint, e.g. DJCheng/Qwen2.5-Math-7B-Latent-SFT-4k-Top10 or a local "
+                              "copy",
+                     "data": "DAPO-Math-17k-en-train.parquet (HF data set DJCheng/Latent-GRPO-Data)",
+                     "eval_data": "Math-500-test.parquet (HF data set DJCheng/Latent-GRPO-Data)"},
+        "defaults": {
+            "algo": "latent_grpo",
+            "eval_size": 500,                                # §7: val_batch_size 500, the whole MATH-500
+            "cot_steps": 0, "sft_steps": 0,                  # §2: the Latent-SFT checkpoint is the initialisation
+            "num_prompts": 32, "num_generations": 8,         # §7: train_batch_size 32, n 8
+            "num_mini_batches": 1, "num_iterations": 1,      # §7: mini-batch 32 prompts -> 1 optimiser step; 1 epoch
+            "learning_rate": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0,   # §7: constant lr, AdamW
+            "epsilon": 0.2, "epsilon_high": 0.2, "dual_clip": 3.0,               # §7: clip 0.2 / 0.2 / 3.0
+            "beta": 0.001,                                   # §5.3, §7: KL loss on, k3 (low_var_kl), coef 0.001
+            "top_k": 10, "top_p_latent": 0.95,               # §7: K 10, latent nucleus 0.95
+            "train_reward": "verl-math",                     # §2: verl's math.compute_score (lighteval/MATH)
+            "loss_agg": "micro-token-mean", "ppo_micro_batch_size": 1,   # §7: micro-batch 1 per GPU, token means
+            "noise_scale": 1.0, "one_sided": True, "gumbel_temperature": 1.0,    # §7: noise on, one-sided, s 1, tau 1
+            "temperature": 0.6, "top_p": 0.95, "answer_top_k": 30,               # §7: answer phase
+            "max_response_length": 4096,                     # §7: latent and answer steps together
+            "invalid_mask": True, "exclude_truncated": True,    # §6.1, §7: exclude variant on MATH
+            "filter_groups": True, "max_num_gen_batches": 50,   # §7: dynamic sampling
+            "freeze_embedding": True,                        # §7
+            "gradient_checkpointing": True,                  # §7: enable_gradient_checkpointing
+            # [I] §7: 5 epochs; DAPO-Math-17k is about 17k prompts, about 540 batches of 32 per epoch, so 5 epochs is
+            # at most about 2,700 steps (dynamic sampling draws one or more batches per step)
+            "max_steps": 2700, "eval_every": 10, "save_every": 40,   # §7: validation every 10, checkpoint every 40
+            # [I] FSDP2 over 8 GPUs instead of verl's FSDP with parameter and optimiser offload; bf16 autocast;
+            # 2 rows per forward (the script's log_prob_micro_batch_size_per_gpu)
+            "parallel": "fsdp", "bf16": True, "micro_batch_size": 2,
         },
     },
 }
@@ -951,9 +984,13 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
     micro-batches of --micro-batch-size rows."""
     G = args.num_generations
     t0 = time.perf_counter()
-    with torch.no_grad(), precision(args, model), distributed.gathered(model):
-        old = batched_logprobs(args, algo, model, rollout)  # (N, L): recomputed, never trusted from the sampler
-        ref = batched_logprobs(args, algo, ref_model, rollout) if ref_model is not None else None
+    with torch.no_grad(), precision(args, model):
+        with distributed.gathered(model):
+            old = batched_logprobs(args, algo, model, rollout)  # (N, L): recomputed, never trusted from the sampler
+        ref = None
+        if ref_model is not None:
+            with distributed.gathered(ref_model):  # torchrun + fsdp: the reference gathered after the model's release
+                ref = batched_logprobs(args, algo, ref_model, rollout)
     adv = algo.advantages(rewards.to(old.device), rollout, old)  # (N, L) or (N, 1)
     t1 = time.perf_counter()
     groups = list(range(rewards.shape[0]))
@@ -984,8 +1021,8 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
                 for k, v in {"loss": loss.item(), **stats}.items():  # mini-batch metrics: the same weighted sum
                     metrics[k] = metrics.get(k, 0.0) + weight * float(v)
             distributed.average_gradients([p for p in model.parameters() if p.requires_grad])  # torchrun
-            # torchrun: the global norm (clip_grad_norm_ in one process)
-            grad_norm = distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            trained = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = distributed.clip_grad_norm(trained, args.max_grad_norm)  # torchrun: the global norm
             if torch.isfinite(grad_norm):
                 opt.step()
             metrics["grad_norm"] = grad_norm.item()
@@ -998,18 +1035,27 @@ def grpo_step(args, algo, model, ref_model, opt, rollout, rewards) -> dict:
     return out
 
 
+def reference_model(args, algo, model, out: Path):
+    """The KL's reference (--beta > 0; else None): a frozen copy of the model as it is when RL starts, saved to
+    RUN/reference so that --resume compares with the same one. torchrun + fsdp: sharded as the model is."""
+    if getattr(algo.cfg, "beta", 0.0) <= 0:
+        return None
+    ref_model = distributed.ordinary_copy(model).eval().requires_grad_(False)  # copy.deepcopy; fsdp: gathered
+    resumed = (out / "reference").exists()
+    distributed.barrier()  # torchrun: every rank has looked before rank 0 writes
+    if resumed:  # the reference is the model as it was when RL started
+        ref_model.load_state_dict(torch.load(out / "reference" / "weights.pt", map_location=model.device))
+    elif distributed.is_main():
+        (out / "reference").mkdir()
+        torch.save(ref_model.state_dict(), out / "reference" / "weights.pt")
+    return distributed.wrap(ref_model, args.parallel) if distributed.fsdp(model) else ref_model  # torchrun + fsdp
+
+
 def run_rl(args, algo, model, train, test, out, logger, state, save):
     model.eval()  # RL noise comes only from the algorithm (masks / Gumbel noise), never from native dropout
     if hasattr(algo, "start_rl"):
         algo.start_rl(model)
-    ref_model = None
-    if getattr(algo.cfg, "beta", 0.0) > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if (out / "reference").exists():  # resumed: the reference is the model as it was when RL started
-            ref_model.load_state_dict(torch.load(out / "reference" / "weights.pt", map_location=model.device))
-        elif distributed.is_main():
-            (out / "reference").mkdir()
-            torch.save(ref_model.state_dict(), out / "reference" / "weights.pt")
+    ref_model = reference_model(args, algo, model, out)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
     generator = torch.Generator(device=model.device).manual_seed(distributed.seed(args.seed))  # torchrun: per rank
     data_rng = random.Random(args.seed + 1)  # the same on every rank, which take their shares of each batch
@@ -1060,8 +1106,6 @@ def main(argv=None) -> dict:
     args, algo_cls, algo_cfg = parse_args(argv)
     check_args(args)
     tracking = tracker_module(args.report_to)   # --report-to's package, before anything is written
-    if distributed.world() > 1 and args.parallel == "fsdp" and getattr(algo_cfg, "beta", 0.0) > 0:
-        raise UserError("--parallel fsdp with --beta > 0: the reference model is not sharded yet; use --parallel ddp")
     if args.init_from:  # the Coconut checkpoint is the latent model: no SFT, GRPO at the last stage (run_sft)
         args = dataclasses.replace(args, cot_steps=0, sft_steps=0)
     device = pick_device(distributed.device(args.device))

@@ -49,13 +49,23 @@ def full_weights(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in (model.state_dict() if weights is None else weights).items()}
 
 
-def grpo_update(algo: str, parallel: str) -> tuple[dict, float]:
+def grpo_update(algo: str, parallel: str, ref_dir: Path | None = None) -> tuple[dict, float]:
+    """One GRPO step; with ref_dir, under a KL to the reference (train.reference_model, written to ref_dir) from
+    which the policy is then moved, so that the KL and its gradient are not 0."""
     args, model, _, method, rollout = setup(algo)
     groups = distributed.share(list(range(len(QUESTIONS))))   # whole groups per rank, as rollout_batch shares them
     local = train.select_rows(rollout, train.group_rows(groups, 2)) if distributed.world() > 1 else rollout
     model = distributed.wrap(model, parallel)
-    metrics = train.grpo_step(args, method, model, None, sgd(model), local, REWARDS[groups])
-    return full_weights(model), distributed.mean_metrics(metrics)["grad_norm"]
+    ref_model = None
+    if ref_dir is not None:
+        method.cfg.beta, args.parallel = 0.5, parallel
+        ref_model = train.reference_model(args, method, model, ref_dir)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)
+    metrics = train.grpo_step(args, method, model, ref_model, sgd(model), local, REWARDS[groups])
+    metrics = distributed.mean_metrics(metrics)
+    return full_weights(model), metrics["grad_norm"], metrics.get("kl")
 
 
 class NoLogger:
@@ -133,6 +143,9 @@ def cases(parallel: str, out: Path) -> None:
     for algo in ALGOS:
         results[f"grpo-{algo}"] = grpo_update(algo, parallel)
         results[f"sft-{algo}"] = sft_update(algo, parallel)
+        ref_dir = out / f"ref-{algo}"
+        ref_dir.mkdir(exist_ok=True)
+        results[f"grpo-beta-{algo}"] = grpo_update(algo, parallel, ref_dir)
     results["latent-sft"] = latent_sft_update(parallel)
     if parallel == "ddp":
         for algo in ALGOS:
@@ -185,8 +198,20 @@ def test_grpo_step_on_two_ranks_equals_one_process(two_ranks, algo):
     """Same parameters after one update of the global batch (and the same global gradient norm): the loss
     normaliser is global and each rank's loss is weighted so that the gradient average is the one-process gradient."""
     _, _, results = two_ranks
-    want, want_norm = grpo_update(algo, "ddp")
-    got, got_norm = results[f"grpo-{algo}"]
+    want, want_norm, _ = grpo_update(algo, "ddp")
+    got, got_norm, _ = results[f"grpo-{algo}"]
+    assert_same_weights(got, want)
+    assert got_norm == pytest.approx(want_norm, rel=1e-10)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_grpo_step_with_a_reference_on_two_ranks_equals_one_process(two_ranks, algo, tmp_path):
+    """--beta > 0: the reference model (sharded too under fsdp) gives the one-process KL and update."""
+    _, _, results = two_ranks
+    want, want_norm, want_kl = grpo_update(algo, "ddp", tmp_path)
+    got, got_norm, got_kl = results[f"grpo-beta-{algo}"]
+    assert want_kl > 0
+    assert got_kl == pytest.approx(want_kl, rel=1e-10)
     assert_same_weights(got, want)
     assert got_norm == pytest.approx(want_norm, rel=1e-10)
 

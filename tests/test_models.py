@@ -365,7 +365,9 @@ def test_bf16_and_micro_batches_run_end_to_end(algo, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name, required", [("dropout-grpo-gsm8k", ["--init-from", "ckpt.pt"]),
-                                            ("latent-grpo-gsm8k-llama", ["--model", "sft-ckpt"])])
+                                            ("latent-grpo-gsm8k-llama", ["--model", "sft-ckpt"]),
+                                            ("latent-grpo-math-qwen", ["--model", "sft-ckpt", "--data", "train.parquet",
+                                                                       "--eval-data", "test.parquet"])])
 def test_a_preset_sets_its_values_and_explicit_flags_win(name, required):
     args, algo_cls, cfg = train.parse_args(["--preset", name, *required])
     for key, value in train.PRESETS[name]["defaults"].items():
@@ -378,6 +380,7 @@ def test_a_preset_sets_its_values_and_explicit_flags_win(name, required):
     (["--preset", "no-such-preset"], "unknown --preset 'no-such-preset'"),
     (["--preset", "dropout-grpo-gsm8k"], "needs --init-from"),
     (["--preset", "latent-grpo-gsm8k-llama"], "needs --model"),
+    (["--preset", "latent-grpo-math-qwen", "--model", "m"], "needs --data: DAPO-Math-17k"),
     (["--preset", "latent-grpo-gsm8k-llama", "--model", "m", "--algo", "dropout_grpo"], "runs --algo latent_grpo"),
 ])
 def test_preset_errors_are_one_line(argv, message):
