@@ -1,10 +1,16 @@
 """torchrun's arithmetic on CPU: 2 gloo processes against one process on the same global batch (float64).
 
-One spawn per --parallel mode runs every case, since starting the processes costs more than the cases."""
+Starting the processes (imports, gloo) costs more than the cases, so one spawned pair of processes runs every case of
+both --parallel modes in sequence, and this process runs the same cases once as the reference for both modes. Each
+test then compares one property of the saved results."""
+import contextlib
+import copy
+import functools
 import json
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +18,13 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
+import data
 import distributed
 import eval as evaluation
 import train
 
 WORLD = 2
+PARALLEL = ["ddp", "fsdp"]
 TINY = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--num-prompts", "4", "--num-generations", "2",
         "--sft-batch-size", "4", "--dropout", "0", "--learning-rate", "1.0", "--max-grad-norm", "1e9"]
 ALGO_TINY = {"dropout_grpo": ["--max-new-tokens", "6"],
@@ -25,6 +33,21 @@ ALGOS = list(ALGO_TINY)
 QUESTIONS = ["Ann has 3 pens. How many pens now?", "Ben has 2 cards. How many cards now?",
              "Cat has 5 cups. How many cups now?", "Dan has 4 hats. How many hats now?"]
 REWARDS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+
+
+_tokenizer = functools.cache(data.build_tokenizer)
+_splits = functools.cache(data.synthetic_splits)
+
+
+@contextlib.contextmanager
+def made_once():
+    """The BPE tokenizer and the 21,000-problem synthetic task, made once per process instead of once per case
+    (fresh copies handed out: the algorithms add their tokens to the tokenizer)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "build_tokenizer", lambda vocab_size=400: copy.deepcopy(_tokenizer(vocab_size)))
+        patch.setattr(data, "synthetic_splits",
+                      lambda *a, **k: {split: list(rows) for split, rows in _splits(*a, **k).items()})
+        yield
 
 
 def setup(algo: str):
@@ -138,40 +161,54 @@ def rollout_draws(algo: str) -> dict:
             "seeds": rollout.mask_seed.tolist() if hasattr(rollout, "mask_seed") else []}
 
 
-def cases(parallel: str, out: Path) -> None:
+def cases(parallel: str, out: Path) -> dict:
+    """Every update case under one --parallel mode (in one process the mode changes nothing)."""
     results = {}
     for algo in ALGOS:
         results[f"grpo-{algo}"] = grpo_update(algo, parallel)
         results[f"sft-{algo}"] = sft_update(algo, parallel)
         ref_dir = out / f"ref-{algo}"
-        ref_dir.mkdir(exist_ok=True)
+        ref_dir.mkdir(parents=True, exist_ok=True)
         results[f"grpo-beta-{algo}"] = grpo_update(algo, parallel, ref_dir)
     results["latent-sft"] = latent_sft_update(parallel)
-    if parallel == "ddp":
-        for algo in ALGOS:
-            results[f"eval-{algo}"] = sharded_eval(algo)
-        results["draws"] = distributed.per_rank(rollout_draws("dropout_grpo"))
-    if distributed.is_main():
-        torch.save(results, out / f"{parallel}.pt")
+    return results
 
 
-def worker(rank: int, port: int, parallel: str, out: Path) -> None:
+def mode_free_cases() -> dict:
+    """The cases that do not depend on --parallel (evaluation, rollout sharing): run once."""
+    return {**{f"eval-{algo}": sharded_eval(algo) for algo in ALGOS},
+            "draws": distributed.per_rank(rollout_draws("dropout_grpo"))}
+
+
+def checkpoint_and_resume(run: Path) -> None:
+    """One FSDP run of one RL step that saves a checkpoint, then a second run that resumes it for a second step."""
+    common = ["--algo", "dropout_grpo", "--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--cot-steps", "2",
+              "--sft-steps", "0", "--sft-batch-size", "4", "--num-prompts", "2", "--num-generations", "2",
+              "--max-new-tokens", "6", "--max-latent-stage", "1", "--eval-size", "3", "--eval-every", "0",
+              "--save-every", "1", "--parallel", "fsdp", "--out", str(run)]
+    train.main([*common, "--max-steps", "1"])
+    train.main([*common, "--max-steps", "2", "--resume", "true"])
+
+
+def worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     distributed.init()
     try:
-        cases(parallel, out)
-        if parallel == "fsdp":
-            run = out / "run"
-            common = ["--algo", "dropout_grpo", "--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--cot-steps", "2",
-                      "--sft-steps", "0", "--sft-batch-size", "4", "--num-prompts", "2", "--num-generations", "2",
-                      "--max-new-tokens", "6", "--max-latent-stage", "1", "--eval-size", "3", "--eval-every", "0",
-                      "--save-every", "1", "--parallel", "fsdp", "--out", str(run)]
-            train.main([*common, "--max-steps", "1"])
-            train.main([*common, "--max-steps", "2", "--resume", "true"])
+        with made_once():
+            results = {parallel: cases(parallel, out / parallel) for parallel in PARALLEL}
+            results.update(mode_free_cases())
+            checkpoint_and_resume(out / "run")
+        if distributed.is_main():
+            torch.save(results, out / "results.pt")
     finally:
         distributed.shutdown()
+    # Done and saved: skip the interpreter's teardown (seconds of garbage collection over torch's and transformers'
+    # modules). An exception above still reaches mp.spawn's error report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -180,11 +217,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def two_ranks(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    mp.spawn(worker, args=(free_port(), request.param, out), nprocs=WORLD, join=True)
-    return request.param, out, torch.load(out / f"{request.param}.pt", weights_only=False)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every case on 2 ranks (both --parallel modes, one spawn) and in this process (the reference for both modes),
+    the two at once: this process computes its reference while the ranks run."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    ranks = mp.start_processes(worker, args=(free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
+    try:
+        with made_once():
+            one = {**cases("ddp", tmp_path_factory.mktemp("one-process")), **mode_free_cases()}
+    finally:
+        while not ranks.join():
+            pass
+    return {"one process": one, "two ranks": torch.load(out / "results.pt", weights_only=False), "run": out / "run"}
+
+
+@pytest.fixture(scope="module")
+def one_process(runs) -> dict:
+    return runs["one process"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(runs) -> dict:
+    return runs["two ranks"]
 
 
 def assert_same_weights(got: dict, want: dict):
@@ -194,22 +249,22 @@ def assert_same_weights(got: dict, want: dict):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_grpo_step_on_two_ranks_equals_one_process(two_ranks, algo):
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_grpo_step_on_two_ranks_equals_one_process(two_ranks, one_process, parallel, algo):
     """Same parameters after one update of the global batch (and the same global gradient norm): the loss
     normaliser is global and each rank's loss is weighted so that the gradient average is the one-process gradient."""
-    _, _, results = two_ranks
-    want, want_norm, _ = grpo_update(algo, "ddp")
-    got, got_norm, _ = results[f"grpo-{algo}"]
+    want, want_norm, _ = one_process[f"grpo-{algo}"]
+    got, got_norm, _ = two_ranks[parallel][f"grpo-{algo}"]
     assert_same_weights(got, want)
     assert got_norm == pytest.approx(want_norm, rel=1e-10)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_grpo_step_with_a_reference_on_two_ranks_equals_one_process(two_ranks, algo, tmp_path):
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_grpo_step_with_a_reference_on_two_ranks_equals_one_process(two_ranks, one_process, parallel, algo):
     """--beta > 0: the reference model (sharded too under fsdp) gives the one-process KL and update."""
-    _, _, results = two_ranks
-    want, want_norm, want_kl = grpo_update(algo, "ddp", tmp_path)
-    got, got_norm, got_kl = results[f"grpo-beta-{algo}"]
+    want, want_norm, want_kl = one_process[f"grpo-beta-{algo}"]
+    got, got_norm, got_kl = two_ranks[parallel][f"grpo-beta-{algo}"]
     assert want_kl > 0
     assert got_kl == pytest.approx(want_kl, rel=1e-10)
     assert_same_weights(got, want)
@@ -217,40 +272,35 @@ def test_grpo_step_with_a_reference_on_two_ranks_equals_one_process(two_ranks, a
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_sft_step_on_two_ranks_equals_one_process(two_ranks, algo):
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_sft_step_on_two_ranks_equals_one_process(two_ranks, one_process, parallel, algo):
     """Stage 0 (CoT): under fsdp Latent-GRPO's embedding rows are mixed outside the forward call, so part of their
     gradient arrives after FSDP's reduce-scatter (distributed.gathered averages it)."""
-    _, _, results = two_ranks
-    assert_same_weights(results[f"sft-{algo}"], sft_update(algo, "ddp"))
+    assert_same_weights(two_ranks[parallel][f"sft-{algo}"], one_process[f"sft-{algo}"])
 
 
-def test_latent_sft_steps_on_two_ranks_equal_one_process(two_ranks):
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_latent_sft_steps_on_two_ranks_equal_one_process(two_ranks, one_process, parallel):
     """Latent-SFT's 1a, 1c and 2 on 2 ranks leave the one-process decoder and encoder: the encoder's gradients are
     averaged with the decoder's (under fsdp the encoder is an ordinary copy beside the sharded decoder), and the
     CE's token mean and the KL's example mean are global."""
-    _, _, results = two_ranks
-    want_model, want_encoder = latent_sft_update("ddp")
-    got_model, got_encoder = results["latent-sft"]
+    want_model, want_encoder = one_process["latent-sft"]
+    got_model, got_encoder = two_ranks[parallel]["latent-sft"]
     assert_same_weights(got_encoder, want_encoder)
     assert_same_weights(got_model, want_model)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_sharded_eval_equals_one_process(two_ranks, algo):
-    parallel, _, results = two_ranks
-    if parallel != "ddp":
-        pytest.skip("evaluation does not depend on --parallel; run once")
-    assert results[f"eval-{algo}"] == sharded_eval(algo)
+def test_sharded_eval_equals_one_process(two_ranks, one_process, algo):
+    """Evaluation does not depend on --parallel: run once."""
+    assert two_ranks[f"eval-{algo}"] == one_process[f"eval-{algo}"]
 
 
-def test_each_rank_rolls_out_its_own_groups_with_its_own_seeds(two_ranks):
+def test_each_rank_rolls_out_its_own_groups_with_its_own_seeds(two_ranks, one_process):
     """The ranks' prompts are the one-process batch, split by whole groups; rank 0 draws the one-process
-    mask seeds, rank 1 others."""
-    parallel, _, results = two_ranks
-    if parallel != "ddp":
-        pytest.skip("rollout sharing does not depend on --parallel; run once")
-    one = rollout_draws("dropout_grpo")
-    ranks = results["draws"]
+    mask seeds, rank 1 others. (Rollout sharing does not depend on --parallel: run once.)"""
+    one = one_process["draws"]
+    ranks = two_ranks["draws"]
     assert distributed.gather_shares([], 0) == []  # one process: nothing to gather
     assert [p for r in range(WORLD) for p in ranks[r]["prompts"]] != []
     merged = [None] * len(one["prompts"])
@@ -262,16 +312,14 @@ def test_each_rank_rolls_out_its_own_groups_with_its_own_seeds(two_ranks):
     assert len(set(seeds)) == len(seeds)
 
 
-def test_fsdp_checkpoint_loads_with_from_pretrained_and_resumes(two_ranks):
-    parallel, out, _ = two_ranks
-    if parallel != "fsdp":
-        pytest.skip("the checkpoint test is the FSDP one")
-    ckpt = out / "run" / "checkpoint"
+def test_fsdp_checkpoint_loads_with_from_pretrained_and_resumes(runs):
+    run = runs["run"]
+    ckpt = run / "checkpoint"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert model.config.n_layer == 2
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["rl_step"] == 2 and len(state["generator"]) == WORLD
-    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["phase"] == "rl"]
     assert steps == [1, 2]  # written once (rank 0), and the resumed run went on from step 1
-    assert (out / "run" / "summary.json").exists()
+    assert (run / "summary.json").exists()
