@@ -187,6 +187,8 @@ def checkpoint_and_resume(run: Path) -> None:
               "--max-new-tokens", "6", "--max-latent-stage", "1", "--eval-size", "3", "--eval-every", "0",
               "--save-every", "1", "--parallel", "fsdp", "--out", str(run)]
     train.main([*common, "--max-steps", "1"])
+    if distributed.is_main():  # rank 0 writes the log: what it held before the resumed run
+        (run / "metrics-before-resume.jsonl").write_text((run / "metrics.jsonl").read_text())
     train.main([*common, "--max-steps", "2", "--resume", "true"])
 
 
@@ -319,7 +321,10 @@ def test_fsdp_checkpoint_loads_with_from_pretrained_and_resumes(runs):
     assert model.config.n_layer == 2
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["rl_step"] == 2 and len(state["generator"]) == WORLD
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["phase"] == "rl"]
-    assert steps == [1, 2]  # written once (rank 0), and the resumed run went on from step 1
+    def rl_rows(name):
+        return [row for row in map(json.loads, (run / name).read_text().splitlines()) if row["phase"] == "rl"]
+
+    rows = rl_rows("metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]  # written once (rank 0)
+    assert rows[:1] == rl_rows("metrics-before-resume.jsonl")  # the resumed run went on from step 1, not redoing it
     assert (run / "summary.json").exists()
