@@ -47,15 +47,15 @@ Deliberate simplifications and choices, all [I] in the spec:
   * Embeddings (input and LM head) are trainable during the SFT initialisation, where the new tokens must learn, and
     frozen by `start_rl(model)`, which train.py calls once before building the RL optimiser (5.4).
 """
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 import compat
+import decode
 import latent_sft
 
 THINK, END_THINK = "<think>", "</think>"
@@ -296,14 +296,18 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 # ------------------------------------------------------------------------------------------------------------------
 
 def token_logprob(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hard step: l_t = log_softmax(z_t / T)[y_t] (spec 4). logits (..., V), ids (...) -> (...)."""
-    return (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    """Hard step (spec 4). logits (..., V) in any float dtype, ids (...) -> (...) in at least float32, read at the
+    one id without a (..., V) float32 copy (decode.selective_log_softmax)."""
+    # l_t = log_softmax(z_t / T)[y_t]
+    return decode.selective_log_softmax(logits, ids.unsqueeze(-1), temperature).squeeze(-1)
 
 
 def gumbel_perturbation(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor) -> torch.Tensor:
     """x_k = g_k - L_k(theta), L = log_softmax(z) at T = 1 (spec 4): the noise the current policy would have needed
-    to produce the stored score. logits (..., V), topk (..., K) -> (..., K). At theta_old it is the rollout's noise."""
-    return topk_scores - logits.log_softmax(-1).gather(-1, topk_ids)
+    to produce the stored score. logits (..., V), topk (..., K) -> (..., K). At theta_old it is the rollout's noise.
+    L is read at the K ids only (decode.selective_log_softmax), in at least float32."""
+    # x_k = g_k - log_softmax(z)[id_k]
+    return topk_scores - decode.selective_log_softmax(logits, topk_ids)
 
 
 def latent_logprob(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, advantages=None):
@@ -389,59 +393,6 @@ def dual_clip_loss(logprobs, old_logprobs, ref_logprobs, A, valid, epsilon: floa
         kl = aggregate((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid, rows_per_mean)
         loss = loss + beta * kl
     return loss, kl, aggregate((l2 > l1).float(), valid, rows_per_mean)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Compiled step (Config.compile): the rollout's per-position forward on a static KV cache; the maths above
-# ------------------------------------------------------------------------------------------------------------------
-
-@functools.cache
-def _compiled(fn, **options):
-    """torch.compile(fn, **options), wrapped once per process (the compilation itself happens at the first call)."""
-    return torch.compile(fn, **options)
-
-
-def _step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-    """One cached forward of input embeddings x (N, 1, d) -> logits (N, 1, V)."""
-    return model(inputs_embeds=x, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache),
-                 use_cache=True).logits
-
-
-def _compiled_step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                   cache: StaticCache) -> torch.Tensor:
-    """`_step` under torch.compile: CUDA graphs on CUDA (mode reduce-overhead), inductor's default mode elsewhere.
-    Every call of a rollout has the same shapes (static cache, full-width mask), so a rollout compiles one graph, and
-    a later rollout of the same rows and cache length none."""
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.compiler.cudagraph_mark_step_begin()         # the previous replay's output was copied out below
-    step = _compiled(_step, mode="reduce-overhead" if cuda else None, dynamic=False)
-    # static shapes: training, evaluation and their last partial batches each add graphs, beyond dynamo's default 8
-    with torch._dynamo.config.patch(recompile_limit=64):
-        logits = step(model, x.contiguous(), mask, position, cache)
-    return logits.clone()                                  # a CUDA graph overwrites its outputs at the next replay
-
-
-def _static_cache(cache: DynamicCache, rows: torch.Tensor, mask: torch.Tensor, budget: int, config,
-                  spare: StaticCache | None = None) -> tuple[StaticCache, torch.Tensor]:
-    """The prefilled `cache` as a StaticCache with room for `budget` more positions, its rows picked by `rows`, and
-    the (N, P) attention mask widened to the cache's length. The new columns are 1 from the start: a slot not yet
-    written lies after every query, so the causal mask hides it, and the mask never changes shape.
-    spare: an earlier rollout's StaticCache, reset and reused when it has the same shape (a CUDA graph is recorded
-    against the cache's addresses; a new cache each rollout would make it record again)."""
-    # a power of two: the cache length is a constant of the compiled graph, so few lengths mean few compilations
-    length = max(64, 1 << ((mask.shape[1] + budget) - 1).bit_length())
-    first = cache.layers[0].keys                            # (P, heads, Lp, d_head)
-    layout = len(cache.layers), (len(rows), first.shape[1], length, first.shape[3]), first.dtype, first.device
-    old = None if spare is None else spare.layers[0].keys
-    if old is not None and (len(spare.layers), old.shape, old.dtype, old.device) == layout:
-        static = spare
-        static.reset()
-    else:
-        static = StaticCache(config=config, max_cache_len=length)
-    for i, layer in enumerate(cache.layers):
-        static.update(layer.keys[rows], layer.values[rows], i)   # (N, heads, P, d_head) into slots 0..P-1
-    return static, F.pad(mask, (0, length - mask.shape[1]), value=1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -587,9 +538,12 @@ class LatentGRPO:
             return self.sft.loss(model, batch, self.stage)
         b = {k: v.to(model.device) for k, v in batch.items()}
         x = soft_embedding(model.get_input_embeddings().weight, b["ids"], b["weights"])           # (B, T, d)
-        logits = _fp32(model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits[:, :-1])
-        # q at position t-1 = the weights of the ids at position t (one-hot for ordinary tokens)
-        ce = -(b["weights"][:, 1:] * logits.log_softmax(-1).gather(-1, b["ids"][:, 1:])).sum(-1)  # (B, T-1)
+        logits = model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits                # (B, T, V)
+        # q at position t-1 = the weights of the ids at position t (one-hot for ordinary tokens); the last position
+        # gets weight 0 (all T positions are read: a slice [:, :-1] of the logits would be copied)
+        q, ids = F.pad(b["weights"][:, 1:], (0, 0, 0, 1)), F.pad(b["ids"][:, 1:], (0, 0, 0, 1))   # (B, T, c)
+        # -sum_v q_v log p_v, read at the c ids of q's support only
+        ce = -(q * decode.selective_log_softmax(logits, ids)).sum(-1)[:, :-1]                    # (B, T-1)
         mask = b["target_mask"][:, 1:]
         return (ce * mask).sum() / mask.sum()
 
@@ -631,21 +585,21 @@ class LatentGRPO:
         cfg, dev = self.cfg, model.device
         E = model.get_input_embeddings().weight                                        # (V, d)
         prompts = [torch.tensor(self._encode(self.prompt_text(q))) for q in questions]
-        ids, mask = _left_pad(prompts, self.pad_id)                                    # (P, Lp)
+        ids, mask = decode.left_pad(prompts, self.pad_id)                              # (P, Lp)
         ids, mask = ids.to(dev), mask.to(dev)
         position = (mask.cumsum(-1) - 1).clamp(min=0)   # explicit positions: left padding must not shift them
         # prefill each question once, then expand cache and logits over its G generations (group-major rows)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache), use_cache=True,
                     logits_to_keep=1)
-        z = _fp32(out.logits[:, -1]).repeat_interleave(G, 0)                           # (N, V)
+        z = decode.wide(out.logits[:, -1]).repeat_interleave(G, 0)                     # (N, V)
         mask, position = mask.repeat_interleave(G, 0), position[:, -1:].repeat_interleave(G, 0)
         N, K, budget = z.shape[0], cfg.top_k, cfg.max_response_length
         compiled = self._compiling(dev)
         if compiled:
             # fixed shapes from here on: a static cache with a slot for every position but the last (never fed back)
             rows = torch.arange(len(prompts), device=dev).repeat_interleave(G)
-            cache, mask = _static_cache(cache, rows, mask, budget - 1, model.config, self._spare)
+            cache, mask = decode.static_cache(cache, rows, mask, budget - 1, model.config, self._spare)
             self._spare = cache
         else:
             cache.batch_repeat_interleave(G)
@@ -687,10 +641,9 @@ class LatentGRPO:
                 break
             # next input: the soft embedding after a latent step, E[y] after a hard one (spec 3.1.8, 3.3)
             x = torch.where(soft[:, None], soft_embedding(E, ids_t, w), E[y]) if soft.any() else E[y]
-            if not compiled:                                # a static cache's mask already has every column
-                mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
-            position = position + 1
-            z = _fp32((_compiled_step if compiled else _step)(model, x[:, None], mask, position, cache)[:, -1])
+            mask, position = decode.next_attn(mask, cache), position + 1
+            forward = decode.compiled_step if compiled else decode.step
+            z = decode.wide(forward(model, cache, mask, inputs_embeds=x[:, None], position_ids=position)[1][:, -1])
 
         tokens, topk_ids, topk_scores, done = tokens.cpu(), topk_ids.cpu(), topk_scores.cpu(), done.cpu()
         lengths, num_latent = lengths.cpu(), num_latent.cpu()
@@ -717,13 +670,9 @@ class LatentGRPO:
         rebuilt from the stored ids and scores (detached). advantages (N, >= L) or (N, 1) switch on FlipGrad."""
         cfg, dev = self.cfg, model.device
         N, L = len(rollout.token_ids), int(rollout.lengths.max())
-        prompt, prompt_mask = _left_pad(rollout.prompt_ids, self.pad_id)               # (N, Lp)
-        response = torch.full((N, L), self.pad_id, dtype=torch.long)
-        for i, y in enumerate(rollout.token_ids):
-            response[i, :len(y)] = y
-        steps = torch.arange(L)
-        valid = steps < rollout.lengths[:, None]                                        # (N, L)
-        latent = steps < rollout.num_latent[:, None]                                    # (N, L), a prefix (T12)
+        prompt, prompt_mask = decode.left_pad(rollout.prompt_ids, self.pad_id)         # (N, Lp)
+        response, valid = decode.right_pad(rollout.token_ids, self.pad_id)              # (N, L)
+        latent = torch.arange(L) < rollout.num_latent[:, None]                          # (N, L), a prefix (T12)
         mask = torch.cat([prompt_mask, valid.long()], 1).to(dev)
         topk_ids = torch.cat(rollout.topk_ids).to(dev)                                  # (n_latent, K)
         topk_scores = torch.cat(rollout.topk_scores).to(dev)                            # (n_latent, K)
@@ -734,27 +683,32 @@ class LatentGRPO:
             x = E[torch.cat([prompt.to(dev), response], 1)]                             # (N, Lp + L, d)
             x[:, prompt.shape[1]:][latent] = soft_embedding(
                 E, topk_ids, (topk_scores / cfg.gumbel_temperature).softmax(-1))
-        # logits at position t-1 score step t: keep the last L + 1 positions, drop the very last
+        # logits at position t-1 score step t: keep the last L + 1 positions. All L + 1 go into the densities (the
+        # last one with dummy ids, dropped after): a slice [:, :-1] of the (N, L + 1, V) logits would be copied
         logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=L + 1).logits[:, :-1]
-        logits = _fp32(logits)                                                          # (N, L, V)
+                       logits_to_keep=L + 1).logits                                    # (N, L + 1, V), model dtype
+        # every position is scored both ways and each keeps its own kind: no (n, V) copies of the rows of one kind
+        ids = F.pad(response, (0, 1))                                                   # (N, L + 1)
+        # the latent density's dummy ids elsewhere: the argmax, whose log-prob is finite (a -inf one, e.g. a masked
+        # id, would make FlipGrad's unused branch exp(x) infinite and its zero gradient NaN)
+        ids_k = logits.detach().argmax(-1, keepdim=True).repeat(1, 1, cfg.top_k)         # (N, L + 1, K)
+        scores_k = torch.zeros(N, L + 1, cfg.top_k, dtype=topk_scores.dtype, device=dev)
+        ids_k[:, :L][latent], scores_k[:, :L][latent] = topk_ids, topk_scores
 
-        # the two densities on a varying number of steps: compiled with dynamic shapes (Config.compile)
+        # the two densities: compiled with dynamic shapes (Config.compile)
         compiled = self._compiling(dev)
-        hard_density = _compiled(token_logprob, dynamic=True) if compiled else token_logprob
-        latent_density = _compiled(latent_logprob, dynamic=True) if compiled else latent_logprob
-        ell = logits.new_zeros(N, L)
+        hard_density = decode.compiled(token_logprob, dynamic=True) if compiled else token_logprob
+        latent_density = decode.compiled(latent_logprob, dynamic=True) if compiled else latent_logprob
         hard = valid & ~latent
-        ell[hard] = hard_density(logits[hard], response[hard], cfg.temperature)
+        ell = torch.where(hard, hard_density(logits, ids, cfg.temperature)[:, :L], 0.0)
         if latent.any():
-            z = logits[latent]                                                          # (n_latent, V)
             A = None
             if advantages is not None and cfg.flip_grad:
-                A = advantages[:, :L].to(dev, z.dtype).expand(N, L)[latent]             # (n_latent,)
+                A = F.pad(advantages[:, :L].to(dev, ell.dtype).expand(N, L), (0, 1))   # (N, L + 1)
                 # how often FlipGrad acts, logged as latent/flip_frac
-                x = gumbel_perturbation(z.detach(), topk_ids, topk_scores)
-                self.last_flip_frac = ((A[:, None] <= 0) & (x < 0)).float().mean().item()
-            ell[latent] = latent_density(z, topk_ids, topk_scores, A)
+                x = gumbel_perturbation(logits.detach(), ids_k, scores_k)[:, :L][latent]   # (n_latent, K)
+                self.last_flip_frac = ((A[:, :L][latent][:, None] <= 0) & (x < 0)).float().mean().item()
+            ell = torch.where(latent, latent_density(logits, ids_k, scores_k, A)[:, :L], ell)
         return ell
 
     # ---- advantages (spec 5.1, 6.1, 6.3) ----
@@ -789,7 +743,7 @@ class LatentGRPO:
         N, L = logprobs.shape
         valid = (torch.arange(L) < rollout.lengths[:, None]).to(logprobs.device)
         A = advantages[:, :L].to(logprobs.device).expand(N, L)
-        objective = _compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
+        objective = decode.compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
         loss, kl, clip_ratio = objective(logprobs, old_logprobs, ref_logprobs, A, valid, cfg.epsilon,
                                          cfg.epsilon_high, cfg.dual_clip, cfg.beta, self.rows_per_mean)
         masked_invalid = rollout.truncated.float().mean().item() if cfg.invalid_mask and cfg.latent else 0.0
@@ -835,21 +789,6 @@ def eos_ids(model, tokenizer) -> set[int]:
         ids = getattr(source, "eos_token_id", None)
         found |= set(ids) if isinstance(ids, (list, tuple)) else {ids}
     return found - {None}
-
-
-def _left_pad(seqs: list[torch.Tensor], pad_id: int):
-    """(B,) ragged 1-D ids -> ids (B, T) left-padded, attention mask (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
-    return ids, mask
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 (the spec's fp32; float64 models stay float64 for exact tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import decode
 import latent_grpo
 
 INITIAL, LATENT, SPACER, FINAL = 0, 1, 2, 3   # decoder segment kinds (spec 3)
@@ -120,7 +121,8 @@ def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_i
     p the student's full-vocabulary softmax gathered at the teacher's ids.
     student_logits (..., V), teacher_probs / teacher_ids (..., K) -> (...)."""
     q = teacher_probs / teacher_probs.sum(-1, keepdim=True)
-    log_p = student_logits.log_softmax(-1).gather(-1, teacher_ids)
+    # log p_k = log_softmax(z)[id_k], read at the K ids only
+    log_p = decode.selective_log_softmax(student_logits, teacher_ids)
     return (torch.special.xlogy(q, q) - q * log_p).sum(-1)
 
 
