@@ -265,6 +265,54 @@ def _top_k_in_nucleus(logp: torch.Tensor, noise: torch.Tensor, top_k: int, top_p
     return g, order.gather(-1, j)
 
 
+HEAD_MIN_VOCAB = 4096
+"""sample_latent_step draws the noise for the head only from this vocabulary size on: below it a full-vocabulary op
+costs its dispatch more than its passes, and the head's few extra ops cost more than the draws they save."""
+
+
+def sample_latent_step(logits: torch.Tensor, top_k: int, top_p: float, gumbel_temperature: float, one_sided: bool,
+                       noise_scale: float, generator: torch.Generator):
+    """One latent step of a rollout (spec 3.1 steps 1-5): `latent_step` with the noise drawn, but only for the tokens
+    that can be picked. The law of the result is exactly that of `latent_step(logits, gumbel_noise((N, V), ...))`:
+    the noise is bounded and independent across tokens, and a token that cannot reach the top K whatever its noise
+    never influences the result, so leaving its draw out changes nothing (tests/test_latent_grpo.py compares the two
+    samplers' laws). noise_scale 0: the deterministic branch 3.2. logits (N, V) -> ids, g, w (N, K)."""
+    N, V = logits.shape
+    if not noise_scale:
+        return latent_step(logits, 0.0, top_k, top_p, gumbel_temperature)
+    if V >= HEAD_MIN_VOCAB:
+        # gumbel_noise's range: G in [-1.5, 3] (+1.5 when one-sided), times s
+        lo, hi = noise_scale * (-1.5 + 1.5 * one_sided), noise_scale * (3.0 + 1.5 * one_sided)
+        # the reach: the K most probable tokens are in M (3.1 step 1) and score S_u >= L_(K) + lo each, so v can be
+        # in topK(S) only if L_v + hi >= L_(K) + lo, i.e. z_v >= z_(K) - (hi - lo) (L = z - logsumexp z: the same
+        # shift for every token, so the logits serve). 1e-4 more: room for the float32 rounding of L + G
+        line = logits.topk(top_k, dim=-1).values[:, -1:] - (hi - lo) - 1e-4            # (N, 1)
+        m = int((logits >= line).sum(-1).max())
+        if 2 * m <= V:   # else most of the vocabulary is within reach (a flat law, a large s): draw over all of it
+            return _sample_in_head(logits, m, top_k, top_p, gumbel_temperature, one_sided, noise_scale, generator)
+    noise = gumbel_noise(logits.shape, one_sided, noise_scale, generator)
+    return latent_step(logits, noise, top_k, top_p, gumbel_temperature)
+
+
+def _sample_in_head(logits, m: int, top_k: int, top_p: float, gumbel_temperature: float, one_sided: bool,
+                    noise_scale: float, generator):
+    """sample_latent_step on the head: the m most probable tokens of each row, every reachable one among them (a
+    row's tokens beyond its own reach get a draw they cannot use: independent draws, so the law is unchanged)."""
+    head, order = logits.topk(m, dim=-1)                                               # (N, m) descending
+    # L = log_softmax(z), for the head alone
+    head = head - logits.logsumexp(-1, keepdim=True)
+    # 1. v is in M when the mass of the tokens more probable than v is < top_p, or v is among the K most probable;
+    # every token more probable than a head token is in the head, so the head's running sum is that mass exactly
+    p = head.exp()
+    in_M = (p.cumsum(-1) - p) < top_p
+    in_M[:, :top_k] = True
+    # 2. G, for the head alone; 3. S_v = L_v + G_v on M; 4. (g_1..g_K, id_1..id_K) = topK(S)
+    S = head + gumbel_noise(head.shape, one_sided, noise_scale, generator).to(head.dtype)
+    g, j = S.masked_fill(~in_M, -math.inf).topk(top_k, dim=-1)                        # (N, K)
+    # 5. w = softmax(g / tau_g)
+    return order.gather(-1, j), g, (g / gumbel_temperature).softmax(-1)
+
+
 def soft_embedding(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Spec 3.1 step 8: e = sum_k w_k E[id_k], a convex mix of K rows of the (V, d) embedding matrix.
     ids, weights (..., K) -> (..., d). The same function builds the rollout inputs, the training inputs and the
@@ -621,8 +669,8 @@ class LatentGRPO:
                 # token rows: ordinary sampling (3.3)
                 y = sample_token(z, cfg.temperature, cfg.top_p, top_k, generator)
             if in_latent.any():
-                noise = gumbel_noise(z.shape, cfg.one_sided, noise_scale, generator) if noise_scale else 0.0
-                ids_t, g, w = latent_step(z, noise, K, cfg.top_p_latent, cfg.gumbel_temperature)
+                ids_t, g, w = sample_latent_step(z, K, cfg.top_p_latent, cfg.gumbel_temperature, cfg.one_sided,
+                                                 noise_scale, generator)
                 # 3.3: leave latent mode when y = id_1 is the end id (3.1.7: or when the unperturbed argmax is)
                 exit_ = ids_t[:, 0] == self.end_id
                 if cfg.forced_exit:

@@ -224,6 +224,66 @@ def test_shift_invariance(seed, V, K, s, top_p):
     torch.testing.assert_close(one[2], two[2], rtol=0, atol=1e-5)
 
 
+def chi_square_homogeneity(a: list, b: list) -> tuple[float, int]:
+    """Two-sample chi-square statistic on categorical samples of equal size and its degrees of freedom; categories
+    expected fewer than 5 times are pooled into one."""
+    counts = {}
+    for k, sample in enumerate((a, b)):
+        for x in sample:
+            counts.setdefault(x, [0, 0])[k] += 1
+    cells, rare = [], [0, 0]
+    for c in counts.values():
+        if sum(c) / 2 < 5:
+            rare = [rare[0] + c[0], rare[1] + c[1]]
+        else:
+            cells.append(c)
+    if sum(rare):
+        cells.append(rare)
+    # equal sample sizes: chi2 = sum over cells of (a - b)^2 / (a + b)
+    return sum((x - y) ** 2 / (x + y) for x, y in cells), len(cells) - 1
+
+
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile at the normal quantile z (3.29: p = 0.0005), Wilson-Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("law, s, one_sided, head", [
+    ("peaked", 0.5, True, True),     # the reach is a few tokens: the noise is drawn for the head only
+    ("peaked", 1.0, False, True),
+    ("flat", 1.0, True, False),      # most tokens within reach: drawn over the whole vocabulary
+])
+def test_sample_latent_step_has_the_full_draws_law(law, s, one_sided, head, monkeypatch):
+    """Spec 3.1: the rollout's sampler, which draws noise only for the tokens that can reach the top K, against
+    today's definition, latent_step on noise over the whole vocabulary: the same law of the ordered top-K ids
+    (chi-square, 20,000 draws each), of g_1 and of w_1 (two-sample Kolmogorov-Smirnov), at the 0.05% level."""
+    V, K, top_p, n = 30, 3, 0.9, 20000
+    z = (torch.linspace(4, -8, V) if law == "peaked" else 0.3 * torch.randn(V, generator=torch.Generator()
+                                                                              .manual_seed(0))).double()
+    z = z[torch.randperm(V, generator=torch.Generator().manual_seed(1))].expand(n, V)
+    monkeypatch.setattr(lg, "HEAD_MIN_VOCAB", 1)                      # the head path at this small vocabulary too
+    widths = []
+    real = lg.gumbel_noise
+    monkeypatch.setattr(lg, "gumbel_noise", lambda shape, *a: widths.append(shape[-1]) or real(shape, *a))
+    new = lg.sample_latent_step(z, K, top_p, 1.0, one_sided, s, torch.Generator().manual_seed(2))
+    assert (widths[0] < V) == head
+    old = latent_step(z, real((n, V), one_sided, s, torch.Generator().manual_seed(3)).double(), K, top_p, 1.0)
+    stat, df = chi_square_homogeneity([tuple(r) for r in new[0].tolist()], [tuple(r) for r in old[0].tolist()])
+    assert df >= 5 and stat < chi_square_critical(df), (stat, df)
+    for k in (1, 2):                                                   # g_1, w_1
+        a, b = new[k][:, 0].sort().values, old[k][:, 0].sort().values
+        grid = torch.cat([a, b])
+        D = ((torch.searchsorted(a, grid, right=True) - torch.searchsorted(b, grid, right=True)).abs().max() / n)
+        assert D < 1.95 * math.sqrt(2 / n), (k, D)                     # KS critical value at about 0.1%
+
+
+def test_sample_latent_step_without_noise_is_deterministic():
+    z = 3 * torch.randn(4, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids, g, w = lg.sample_latent_step(z, 3, 0.9, 1.0, True, 0.0, torch.Generator())
+    ref = latent_step(z, 0.0, 3, 0.9, 1.0)
+    assert torch.equal(ids, ref[0]) and torch.equal(g, ref[1]) and torch.equal(w, ref[2])
+
+
 @FAST
 @given(seed=SEEDS, N=st.integers(1, 5), K=st.integers(1, 6), d=st.integers(1, 8))
 def test_soft_embedding_is_the_convex_mix(seed, N, K, d):
