@@ -26,7 +26,7 @@ headline ratios as top-level keys.
   4   Seconds per RL step through train.py's own functions (train.rollout_batch, train.grpo_step), split into
       rollout / old+ref log-probs / update, against the number of latent steps T and the group size G, with fits.
   5   Peak memory of one RL step (CUDA: torch.cuda.max_memory_allocated; CPU: the profiler's allocation tracking),
-      and per row: the rollout's and the update's peak at 1 and 2 rows, at the 49k vocabulary (bench_memory.py).
+      and per row: the rollout's and the update's peak at 2 and 4 rows, at the 49k vocabulary (bench_memory.py).
       -> peak_memory_mb_*, peak_memory_mb_per_row_*
   6   Each preset (train.PRESETS) at its model's shape: per-row peak -> the largest --micro-batch-size that fits a
       24 GB and an 80 GB GPU (bench_memory.py; minutes on a CPU).              -> micro_batch_{24,80}gb_*
@@ -235,20 +235,23 @@ def bench_step(size: str, batch: int, repeats: int, device: torch.device) -> dic
             ids_k, _, w = latent_grpo.sample_latent_step(state["z"], 10, 0.95, 1.0, True, s, generator)
             step(inputs_embeds=latent_grpo.soft_embedding(E, ids_k, w)[:, None])
 
-        def soft_full_draw():   # the same step with the noise drawn over the whole vocabulary (the sampler before)
-            noise = latent_grpo.gumbel_noise(state["z"].shape, True, 1.0, generator)
+        def soft_full_draw(s):  # the same step with the noise drawn over the whole vocabulary (the sampler before)
+            noise = latent_grpo.gumbel_noise(state["z"].shape, True, s, generator)
             ids_k, _, w = latent_grpo.latent_step(state["z"], noise, 10, 0.95, 1.0)
             step(inputs_embeds=latent_grpo.soft_embedding(E, ids_k, w)[:, None])
 
         s0 = latent_grpo.Config().noise_scale
         t = timed_in_turns({"token": token_step, "coconut": coconut_step, "soft": lambda: soft_step(s0),
-                            "soft_s1": lambda: soft_step(1.0), "soft_full": soft_full_draw}, repeats, device)
+                            "soft_full": lambda: soft_full_draw(s0), "soft_s1": lambda: soft_step(1.0),
+                            "soft_full_s1": lambda: soft_full_draw(1.0)}, repeats, device)
         token = t["token"]
-    return {"size": size, "batch": batch, "context": CONTEXT, "vocab": vocab, "noise_scale": s0,
-            "token_ms": 1e3 * token, "coconut_latent_ms": 1e3 * t["coconut"], "soft_latent_ms": 1e3 * t["soft"],
-            "soft_latent_s1_ms": 1e3 * t["soft_s1"], "soft_full_draw_ms": 1e3 * t["soft_full"],
-            "coconut_latent_over_token": t["coconut"] / token, "soft_latent_over_token": t["soft"] / token,
-            "soft_latent_s1_over_token": t["soft_s1"] / token, "soft_full_draw_over_token": t["soft_full"] / token}
+    row = {"size": size, "batch": batch, "context": CONTEXT, "vocab": vocab, "noise_scale": s0,
+           "token_ms": 1e3 * token, "coconut_latent_ms": 1e3 * t["coconut"], "soft_latent_ms": 1e3 * t["soft"],
+           "coconut_latent_over_token": t["coconut"] / token, "soft_latent_over_token": t["soft"] / token}
+    for key in ("soft_full", "soft_s1", "soft_full_s1"):   # soft_full_draw_over_token, soft_s1_over_token, ...
+        name = key.replace("soft_full", "soft_full_draw")
+        row[f"{name}_ms"], row[f"{name}_over_token"] = 1e3 * t[key], t[key] / token
+    return row
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -683,11 +686,12 @@ def main(argv=None) -> dict:
                            ("coconut ms", "coconut_latent_ms", ".2f"), ("soft ms", "soft_latent_ms", ".2f"),
                            ("coconut/token", "coconut_latent_over_token", ".2f"),
                            ("soft/token", "soft_latent_over_token", ".2f"),
-                           ("soft s=1/token", "soft_latent_s1_over_token", ".2f"),
-                           ("full draw s=1/token", "soft_full_draw_over_token", ".2f")])
-        print(f"   target: latent / token <= 1.1. soft: the rollout's sampler at the default noise scale "
-              f"s = {rows[0]['noise_scale']}; s=1: at the released scripts' s = 1; full draw: s = 1 with the noise "
-              f"drawn over the whole vocabulary, as the sampler did before")
+                           ("full draw/token", "soft_full_draw_over_token", ".2f"),
+                           ("soft s=1/token", "soft_s1_over_token", ".2f"),
+                           ("full draw s=1/token", "soft_full_draw_s1_over_token", ".2f")])
+        print(f"   target: latent / token <= 1.1. soft: the rollout's sampler (latent_grpo.sample_latent_step) at the "
+              f"default noise scale s = {rows[0]['noise_scale']}; full draw: the noise drawn over the whole "
+              f"vocabulary, as the sampler did before; s=1: the released scripts' noise scale")
         result["items"]["1"] = rows
         main_row = next((r for r in rows if r["size"] == "tiny"), rows[0])     # the headline: the default size
         result["latent_step_over_token_step"] = main_row["coconut_latent_over_token"]
@@ -696,8 +700,9 @@ def main(argv=None) -> dict:
             suffix = "_" + r["size"].replace("-", "_")
             result[f"latent_step_over_token_step{suffix}"] = r["coconut_latent_over_token"]
             result[f"soft_latent_step_over_token_step{suffix}"] = r["soft_latent_over_token"]
-            result[f"soft_latent_step_over_token_step_s1{suffix}"] = r["soft_latent_s1_over_token"]
-            result[f"soft_full_draw_over_token_step_s1{suffix}"] = r["soft_full_draw_over_token"]
+            result[f"soft_full_draw_over_token_step{suffix}"] = r["soft_full_draw_over_token"]
+            result[f"soft_latent_step_over_token_step_s1{suffix}"] = r["soft_s1_over_token"]
+            result[f"soft_full_draw_over_token_step_s1{suffix}"] = r["soft_full_draw_s1_over_token"]
         save()
 
     if "2" in args.items:
@@ -781,7 +786,7 @@ def main(argv=None) -> dict:
         # per row, at the real vocabulary when it is among the sizes (the headline keys), else at the first size
         size = "llama-49k" if "llama-49k" in args.sizes else args.sizes[0]
         per_row = [bench_memory.per_row(name, size, device, THOUGHTS, A) for name in ALGOS]
-        print_table(f"5b. peak per row ({size}, 1 prompt x 1 and 2 rows, {THOUGHTS} latent steps + {A} answer "
+        print_table(f"5b. peak per row ({size}, 1 prompt x 2 and 4 rows, {THOUGHTS} latent steps + {A} answer "
                     f"tokens): peak = fixed + rows x per row, above the resident state", per_row,
                     [("algo", "algo", ""), ("positions", "positions", "d"), ("resident MiB", "resident_mb", ".1f"),
                      ("rollout MiB/row", "rollout_per_row_mb", ".1f"), ("rollout fixed", "rollout_fixed_mb", ".1f"),

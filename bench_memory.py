@@ -8,7 +8,7 @@ Memory is measured, not counted: on CPU the profiler's allocation tracking (ever
 with the running total), on CUDA torch.cuda.max_memory_allocated. "Resident" is what lives between steps (weights,
 gradients, AdamW state); a phase's peak is the most allocated above that while it runs. The rollout (all rows at once)
 and the update (old log-probs, loss, backward and AdamW step over the rows of one micro-batch) are measured on their
-own, each at two numbers of rows of one prompt: peak = fixed + rows x per_row, per_row the slope.
+own, each at 2 and 4 rows of one prompt: peak = fixed + rows x per_row, per_row the slope.
 """
 from __future__ import annotations
 
@@ -43,7 +43,11 @@ PRESET_SHAPES = {
 
 def profiler_peak_bytes(fn) -> int:
     """Peak bytes allocated on the CPU while fn() runs, above what was live before: the profiler's allocation
-    tracking (every CPU allocation and free, with the running total)."""
+    tracking (every CPU allocation and free, with the allocator's running total).
+
+    The running total is the process's since the first profiled allocation, and a block allocated while no profiler
+    ran is never counted, nor is its free: so the peak is taken above the total at the first event, and the memory
+    freed during fn() must have been allocated under a profiler too (`profiled`) to be subtracted."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,9 +59,23 @@ def profiler_peak_bytes(fn) -> int:
             yield node
             yield from walk(node.children)
 
-    totals = [n.extra_fields.total_allocated for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if n.tag == _EventType.Allocation and str(n.extra_fields.device) == "cpu"]
-    return max(totals, default=0)
+    events = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                     if n.tag == _EventType.Allocation and str(n.extra_fields.device) == "cpu"),
+                    key=lambda n: n.start_time_ns)
+    if not events:
+        return 0
+    # the total before the first event = its total less its own size (negative for a free)
+    base = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
+    return max(0, max(n.extra_fields.total_allocated for n in events) - base)
+
+
+def profiled(fn):
+    """fn() with the CPU allocation tracking on (the result is not read): what it allocates and keeps (AdamW state,
+    gradients, a rollout) is then known to the tracker, so a later measured step that frees it is credited."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        return fn()
 
 
 def peak_bytes(fn, device: torch.device) -> tuple[int, str]:
@@ -88,7 +106,7 @@ def resident_bytes(model, opt) -> int:
 def bench_memory(name, size, device, P, G, answer_tokens) -> dict:
     """Item 5 (as before): peak memory of one whole RL step (rollout + update) of P x G rows at T = THOUGHTS."""
     step, model, opt = bench.rl_stepper(name, size, device, P, G, bench.THOUGHTS, answer_tokens)
-    step()                                               # warm-up: AdamW state and gradients exist from here on
+    profiled(step)                                       # warm-up: AdamW state and gradients exist from here on
     peak, method = peak_bytes(step, device)
     resident = resident_bytes(model, opt)
     return {"algo": name, "size": size, "rows": P * G, "T": bench.THOUGHTS, "answer_tokens": answer_tokens,
@@ -112,7 +130,7 @@ def phase_peaks(model, algo, device, rows: int) -> dict:
         ro, rewards, _ = out["rollout"]
         train.grpo_step(args, algo, model, None, opt, ro, rewards)
 
-    rollout(), update()
+    profiled(lambda: (rollout(), update()))              # warm-up: AdamW state and gradients exist from here on
     rollout_peak, method = peak_bytes(rollout, device)
     update_peak, _ = peak_bytes(update, device)
     ro = out["rollout"][0]
@@ -120,7 +138,7 @@ def phase_peaks(model, algo, device, rows: int) -> dict:
             "positions": int(ro.lengths[0]), "prompt_tokens": len(ro.prompt_ids[0]), "method": method}
 
 
-def per_row(name: str, size: str, device, T: int, answer_tokens: int, rows=(1, 2)) -> dict:
+def per_row(name: str, size: str, device, T: int, answer_tokens: int, rows=(2, 4)) -> dict:
     """Item 5, per row: peak = fixed + rows x per_row for the rollout and the update, from two numbers of rows."""
     points = []
     for n in rows:
@@ -155,7 +173,7 @@ def preset_model(spec: dict, layers: int | None):
     return LlamaForCausalLM(LlamaConfig(**config)), tokenizer
 
 
-def preset_micro_batches(name: str, device, gpus_gb=(24, 80), rows=(1, 2)) -> dict:
+def preset_micro_batches(name: str, device, gpus_gb=(24, 80), rows=(2, 4)) -> dict:
     """Item 6: one preset's per-row peak at its own shape (extrapolated over decoder layers where measured at
     fewer), and from it the largest --micro-batch-size whose update fits each GPU, next to the rollout's peak for the
     preset's whole batch (the rollout is not split into micro-batches)."""
