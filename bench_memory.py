@@ -12,6 +12,7 @@ own, each at 2 and 4 rows of one prompt: peak = fixed + rows x per_row, per_row 
 """
 from __future__ import annotations
 
+import gc
 import random
 import resource
 
@@ -109,6 +110,8 @@ def bench_memory(name, size, device, P, G, answer_tokens) -> dict:
     profiled(step)                                       # warm-up: AdamW state and gradients exist from here on
     peak, method = peak_bytes(step, device)
     resident = resident_bytes(model, opt)
+    del step, model, opt
+    gc.collect()                     # the model and its algorithm reference each other (hooks): free them now
     return {"algo": name, "size": size, "rows": P * G, "T": bench.THOUGHTS, "answer_tokens": answer_tokens,
             "resident_mb": resident / 2**20, "step_peak_mb": peak / 2**20, "total_peak_mb": (resident + peak) / 2**20,
             "method": method}
@@ -145,6 +148,7 @@ def per_row(name: str, size: str, device, T: int, answer_tokens: int, rows=(2, 4
         model, algo = bench.forced_algo(name, size, device, T, answer_tokens)
         points.append(phase_peaks(model, algo, device, n))
         del model, algo
+        gc.collect()                 # the model and its algorithm reference each other (hooks): free them now
     return fit(name, size, points, T, answer_tokens)
 
 
@@ -188,6 +192,7 @@ def preset_micro_batches(name: str, device, gpus_gb=(24, 80), rows=(2, 4)) -> di
             model, algo = bench.forced_algo(spec["algo"], (model, tokenizer), device, spec["T"], spec["answer_tokens"])
             points.append(phase_peaks(model, algo, device, n))
             del model, algo
+            gc.collect()
         fits[layers] = fit(spec["algo"], name, points, spec["T"], spec["answer_tokens"])
     keys = ("resident_mb", "rollout_per_row_mb", "rollout_fixed_mb", "update_per_row_mb", "update_fixed_mb")
     if spec["layers"]:
