@@ -67,27 +67,30 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     (rows, V) tensor beyond the gradient of z, which the LM head's backward needs whatever computes it."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, ids: Tensor, temperature: float, chunk: int) -> Tensor:
+    def forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, chunk: int) -> Tensor:
         rows = z.shape[0]
         out = z.new_empty(ids.shape, dtype=torch.promote_types(z.dtype, torch.float32))
         lse = z.new_empty(rows, dtype=out.dtype)
         for i in range(0, rows, chunk):
+            T = temperature if isinstance(temperature, float) else temperature[i:i + chunk]  # a float, or (c, 1)
             # float32 is required here: a logsumexp over tens of thousands of bf16 terms loses ~3 significant digits
-            zc = z[i:i + chunk].to(out.dtype) / temperature                              # (c, V)
+            zc = z[i:i + chunk].to(out.dtype) / T                                        # (c, V)
             lse[i:i + chunk] = zc.logsumexp(-1)
             # log softmax(z / T)_y = z_y / T - logsumexp_v(z_v / T)
             out[i:i + chunk] = zc.gather(-1, ids[i:i + chunk]) - lse[i:i + chunk, None]
-        ctx.save_for_backward(z, ids, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        per_row = not isinstance(temperature, float)
+        ctx.save_for_backward(z, ids, lse, *([temperature] if per_row else []))
+        ctx.temperature, ctx.chunk = None if per_row else temperature, chunk
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        z, ids, lse = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
+        z, ids, lse, *per_row = ctx.saved_tensors
+        chunk = ctx.chunk
         grad_z = torch.empty_like(z)
         for i in range(0, z.shape[0], chunk):
+            T = per_row[0][i:i + chunk] if per_row else ctx.temperature                  # (c, 1) or a float
             g = grad_out[i:i + chunk].to(lse.dtype)                                      # (c, J)
             # d/dz_v [z_y / T - logsumexp(z / T)] = (1[v = y] - softmax(z / T)_v) / T, summed over the J ids
             p = (z[i:i + chunk].to(lse.dtype) / T - lse[i:i + chunk, None]).exp()        # (c, V)
@@ -96,16 +99,22 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad_z, None, None, None
 
 
-def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float = 1.0,
+def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float | Tensor = 1.0,
                           chunk: int | None = None) -> Tensor:
     """log softmax(logits / temperature) read at `ids`: logits (..., V) in any float dtype, ids (..., J) long ->
     (..., J) in at least float32. The same values and gradients as
     `(logits.float() / T).log_softmax(-1).gather(-1, ids)`, without its (..., V) float32 copies (TRL's "selective
-    log-softmax", here also in the backward). chunk: rows per chunk (default: CHUNK_ELEMENTS // V)."""
+    log-softmax", here also in the backward). temperature: one for all rows, or a tensor (...) of one per row (rows
+    of different kinds in one pass, so that one (..., V) gradient reaches the logits). chunk: rows per chunk (default:
+    CHUNK_ELEMENTS // V)."""
     V = logits.shape[-1]
     chunk = chunk or max(1, CHUNK_ELEMENTS // V)
     z = logits.reshape(-1, V)                                  # a view for the model's contiguous logits
-    out = _SelectiveLogSoftmax.apply(z, ids.reshape(z.shape[0], -1), float(temperature), chunk)
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(z.device, torch.promote_types(z.dtype, torch.float32)).reshape(-1, 1)
+    else:
+        temperature = float(temperature)
+    out = _SelectiveLogSoftmax.apply(z, ids.reshape(z.shape[0], -1), temperature, chunk)
     return out.view(ids.shape)
 
 

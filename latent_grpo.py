@@ -361,7 +361,13 @@ def gumbel_perturbation(logits: torch.Tensor, topk_ids: torch.Tensor, topk_score
 def latent_logprob(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, advantages=None):
     """Latent step's surrogate log-density (spec 4), one value per position. logits (..., V), topk (..., K),
     advantages (...) or None. With advantages, FlipGrad reshapes the gradient; the value never changes (T5)."""
-    x = gumbel_perturbation(logits, topk_ids, topk_scores)                             # (..., K)
+    return latent_density(decode.selective_log_softmax(logits, topk_ids), topk_scores, advantages)
+
+
+def latent_density(logp_k: torch.Tensor, topk_scores: torch.Tensor, advantages=None) -> torch.Tensor:
+    """latent_logprob from L_k = log_softmax(z)[id_k] already read at the K ids (..., K) -> (...)."""
+    # x_k = g_k - L_k(theta)
+    x = topk_scores - logp_k                                                           # (..., K)
     # phi(x) = -x - exp(-x): log-density of a standard Gumbel at x
     phi = -x - torch.exp(-x)
     if advantages is not None:
@@ -735,28 +741,34 @@ class LatentGRPO:
         # last one with dummy ids, dropped after): a slice [:, :-1] of the (N, L + 1, V) logits would be copied
         logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=L + 1).logits                                    # (N, L + 1, V), model dtype
-        # every position is scored both ways and each keeps its own kind: no (n, V) copies of the rows of one kind
-        ids = F.pad(response, (0, 1))                                                   # (N, L + 1)
-        # the latent density's dummy ids elsewhere: the argmax, whose log-prob is finite (a -inf one, e.g. a masked
-        # id, would make FlipGrad's unused branch exp(x) infinite and its zero gradient NaN)
-        ids_k = logits.detach().argmax(-1, keepdim=True).repeat(1, 1, cfg.top_k)         # (N, L + 1, K)
-        scores_k = torch.zeros(N, L + 1, cfg.top_k, dtype=topk_scores.dtype, device=dev)
-        ids_k[:, :L][latent], scores_k[:, :L][latent] = topk_ids, topk_scores
+        # one selective log-softmax for every position, each reading what its own kind needs: a hard step its token
+        # at the answer temperature (in all K slots, the first one used), a latent step its K ids at temperature 1.
+        # One pass, so one (N, L + 1, V) gradient reaches the logits (one per kind would add a second of that size)
+        K = cfg.top_k
+        lat = F.pad(latent, (0, 1))                                                     # (N, L + 1)
+        ids = F.pad(response, (0, 1))[..., None].repeat(1, 1, K)                        # (N, L + 1, K)
+        ids[lat] = topk_ids
+        scores = torch.zeros(N, L + 1, K, dtype=topk_scores.dtype, device=dev)
+        scores[lat] = topk_scores
+        T = torch.full((N, L + 1), cfg.temperature, dtype=torch.promote_types(logits.dtype, torch.float32),
+                       device=dev).masked_fill(lat, 1.0)                             # (N, L + 1)
+        logp = decode.selective_log_softmax(logits, ids, T)                             # (N, L + 1, K), >= float32
 
-        # the two densities: compiled with dynamic shapes (Config.compile)
-        compiled = self._compiling(dev)
-        hard_density = decode.compiled(token_logprob, dynamic=True) if compiled else token_logprob
-        latent_density = decode.compiled(latent_logprob, dynamic=True) if compiled else latent_logprob
-        hard = valid & ~latent
-        ell = torch.where(hard, hard_density(logits, ids, cfg.temperature)[:, :L], 0.0)
+        # the per-kind formulas on the gathered values: compiled with dynamic shapes (Config.compile)
+        density = decode.compiled(latent_density, dynamic=True) if self._compiling(dev) else latent_density
+        hard = F.pad(valid & ~latent, (0, 1))
+        ell = torch.where(hard, logp[..., 0], 0.0)                                      # l_t = log p_T(y_t)
         if latent.any():
             A = None
             if advantages is not None and cfg.flip_grad:
-                A = F.pad(advantages[:, :L].to(dev, ell.dtype).expand(N, L), (0, 1))   # (N, L + 1)
-                # how often FlipGrad acts, logged as latent/flip_frac
-                x = gumbel_perturbation(logits.detach(), ids_k, scores_k)[:, :L][latent]   # (n_latent, K)
-                self.last_flip_frac = ((A[:, :L][latent][:, None] <= 0) & (x < 0)).float().mean().item()
-            ell = torch.where(latent, latent_density(logits, ids_k, scores_k, A)[:, :L], ell)
+                A = F.pad(advantages[:, :L].to(dev, logp.dtype).expand(N, L), (0, 1))   # (N, L + 1)
+                # how often FlipGrad acts, logged as latent/flip_frac: x_k = g_k - L_k at the latent steps
+                x = (scores - logp.detach())[lat]                                       # (n_latent, K)
+                self.last_flip_frac = ((A[lat][:, None] <= 0) & (x < 0)).float().mean().item()
+            # elsewhere the latent formula reads L_k = 0 (finite, no gradient): a -inf log-prob there would make
+            # FlipGrad's unused branch exp(x) infinite and its zero gradient NaN
+            ell = torch.where(lat, density(torch.where(lat[..., None], logp, 0.0), scores, A), ell)
+        ell = ell[:, :L]
         return ell
 
     # ---- advantages (spec 5.1, 6.1, 6.3) ----

@@ -103,6 +103,21 @@ def test_selective_log_softmax_equals_log_softmax_then_gather(rows, V, J, chunk,
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
 
 
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 9), V=st.integers(1, 40), J=st.integers(1, 5), chunk=st.integers(1, 10),
+       seed=st.integers(0, 2**16))
+def test_selective_log_softmax_with_a_temperature_per_row(rows, V, J, chunk, seed):
+    """A (rows, 3) tensor of temperatures: each row as the full formula at its own temperature."""
+    g = gen(seed)
+    logits = 4 * torch.randn(rows, 3, V, generator=g, dtype=torch.float64)
+    ids = torch.randint(V, (rows, 3, J), generator=g)
+    T = torch.tensor([1.0, 0.6, 1.7], dtype=torch.float64)[torch.randint(3, (rows, 3), generator=g)]
+    out, grad = values_and_grads(lambda z: decode.selective_log_softmax(z, ids, T, chunk), logits)
+    ref, ref_grad = values_and_grads(lambda z: (z / T[..., None]).log_softmax(-1).gather(-1, ids), logits)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+
+
 def test_selective_log_softmax_widens_and_keeps_the_gradient_dtype():
     logits = torch.randn(6, 50, generator=gen(0)).to(torch.bfloat16).requires_grad_()
     ids = torch.randint(50, (6, 2), generator=gen(1))

@@ -651,6 +651,64 @@ def test_on_policy_ratio_is_one_and_labels_do_not_matter(tok, kind, seed):
         assert torch.equal(algo.logprobs(model, relabelled), old)
 
 
+def per_kind_logprobs(logits, ro, cfg, A):
+    """LatentGRPO.logprobs' densities as they were first written: the rows of each kind selected from the (N, L, V)
+    logits, a log-softmax over the whole vocabulary, then a gather; FlipGrad as in the spec."""
+    N, L = logits.shape[0], logits.shape[1] - 1
+    z = logits[:, :-1]
+    steps = torch.arange(L)
+    valid, latent = steps < ro.lengths[:, None], steps < ro.num_latent[:, None]
+    hard = valid & ~latent
+    response = torch.zeros(N, L, dtype=torch.long)
+    for i, y in enumerate(ro.token_ids):
+        response[i, :len(y)] = y
+    ell = z.new_zeros(N, L)
+    ell[hard] = (z[hard] / cfg.temperature).log_softmax(-1).gather(-1, response[hard][:, None])[:, 0]
+    x = torch.cat(ro.topk_scores) - z[latent].log_softmax(-1).gather(-1, torch.cat(ro.topk_ids))
+    phi = -x - torch.exp(-x)
+    if A is not None:
+        flip = (A[latent][:, None] <= 0) & (x < 0)
+        proxy = torch.where(flip, x - torch.exp(x), phi)
+        phi = phi.detach() + (proxy - proxy.detach())
+    ell[latent] = phi.mean(-1)
+    return ell, ((A[latent][:, None] <= 0) & (x < 0)).float().mean().item() if A is not None else None
+
+
+@MODEL
+@given(kind=KINDS, seed=SEEDS, flip_grad=st.booleans())
+def test_logprobs_equal_the_per_kind_formulas(tok, kind, seed, flip_grad):
+    """One selective log-softmax over every position (a hard step's token at temperature T, a latent step's K ids at
+    temperature 1) against the densities computed per kind on the selected rows with full log-softmaxes: the same
+    values, the same gradient into the logits and the same flip fraction, float64, at a perturbed policy with
+    mixed-sign per-position advantages (FlipGrad acting)."""
+    model = tiny_model(kind, tok, seed, boost=0.1)      # a weak </think>: the cap of 4 ends most latent phases
+    cfg = Config(max_response_length=10, max_latent_steps=4, flip_grad=flip_grad)
+    algo = LatentGRPO(model, tok, cfg, add_tokens=False)
+    ro = algo.rollout(model, questions(seed), 3, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn(q.shape, generator=gen, dtype=q.dtype))
+    N, L = len(ro.texts), int(ro.lengths.max())
+    A = torch.randn(N, L, generator=gen, dtype=torch.float64)
+    captured = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        ell = algo.logprobs(model, ro, A)
+    finally:
+        hook.remove()
+    (logits,) = captured                                                        # (N, L + 1, V), in the graph
+    ref, flip_frac = per_kind_logprobs(logits, ro, algo.cfg, A if flip_grad else None)
+    assert (ro.num_latent > 0).any() and (ro.lengths > ro.num_latent).any()     # both kinds are scored
+    torch.testing.assert_close(ell, ref, rtol=0, atol=1e-12)
+    w = torch.randn(N, L, generator=gen, dtype=torch.float64)                   # a generic upstream gradient
+    (grad,) = torch.autograd.grad((w * ell).sum(), logits, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad((w * ref).sum(), logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    if flip_grad:
+        assert algo.last_flip_frac == pytest.approx(flip_frac, abs=0)
+
+
 @MODEL
 @given(kind=KINDS, seed=SEEDS)
 def test_noise_off_and_greedy_gives_identical_groups(tok, kind, seed):
