@@ -92,10 +92,18 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         for i in range(0, z.shape[0], chunk):
             T = per_row[0][i:i + chunk] if per_row else ctx.temperature                  # (c, 1) or a float
             g = grad_out[i:i + chunk].to(lse.dtype)                                      # (c, J)
+            # computed in place, in grad_z's own rows when z is float32 / float64: this backward runs at the step's
+            # peak (every activation still saved), where each (c, V) temporary would add to it
+            zc = z[i:i + chunk]
+            if z.dtype == lse.dtype:
+                gc = torch.div(zc, T, out=grad_z[i:i + chunk])                           # (c, V)
+            else:
+                gc = zc.to(lse.dtype).div_(T)                                            # one float32 chunk
             # d/dz_v [z_y / T - logsumexp(z / T)] = (1[v = y] - softmax(z / T)_v) / T, summed over the J ids
-            p = (z[i:i + chunk].to(lse.dtype) / T - lse[i:i + chunk, None]).exp()        # (c, V)
-            gc = (-p * g.sum(-1, keepdim=True)).scatter_add_(-1, ids[i:i + chunk], g) / T
-            grad_z[i:i + chunk] = gc.to(z.dtype)
+            gc.sub_(lse[i:i + chunk, None]).exp_()                                       # softmax(z / T)
+            gc.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[i:i + chunk], g).div_(T)
+            if gc.dtype != z.dtype:
+                grad_z[i:i + chunk] = gc
         return grad_z, None, None, None
 
 
