@@ -26,7 +26,7 @@ headline ratios as top-level keys.
   4   Seconds per RL step through train.py's own functions (train.rollout_batch, train.grpo_step), split into
       rollout / old+ref log-probs / update, against the number of latent steps T and the group size G, with fits.
   5   Peak memory of one RL step (CUDA: torch.cuda.max_memory_allocated; CPU: the profiler's allocation tracking),
-      and per row: the rollout's and the update's peak at 2 and 4 rows, at the 49k vocabulary (bench_memory.py).
+      and per row: the rollout's and the update's peak at 8 and 16 rows, at the 49k vocabulary (bench_memory.py).
       -> peak_memory_mb_*, peak_memory_mb_per_row_*
   6   Each preset (train.PRESETS) at its model's shape: per-row peak -> the largest --micro-batch-size that fits a
       24 GB and an 80 GB GPU (bench_memory.py; minutes on a CPU).              -> micro_batch_{24,80}gb_*
@@ -129,7 +129,9 @@ def forbid(model, tokenizer, ids):
     banned = torch.zeros(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
     banned[list(ids)] = True
     banned[len(tokenizer):] = True
-    return head.register_forward_hook(lambda module, args, out: out.masked_fill(banned, -math.inf))
+    # in place: the LM head's backward does not read its output, and a copy would add one (rows, positions, V)
+    # tensor to every peak that bench_memory.py measures, which no real run has
+    return head.register_forward_hook(lambda module, args, out: out.masked_fill_(banned, -math.inf))
 
 
 def truncate(cache, length: int):
@@ -786,7 +788,7 @@ def main(argv=None) -> dict:
         # per row, at the real vocabulary when it is among the sizes (the headline keys), else at the first size
         size = "llama-49k" if "llama-49k" in args.sizes else args.sizes[0]
         per_row = [bench_memory.per_row(name, size, device, THOUGHTS, A) for name in ALGOS]
-        print_table(f"5b. peak per row ({size}, 1 prompt x 2 and 4 rows, {THOUGHTS} latent steps + {A} answer "
+        print_table(f"5b. peak per row ({size}, 1 prompt x 8 and 16 rows, {THOUGHTS} latent steps + {A} answer "
                     f"tokens): peak = fixed + rows x per row, above the resident state", per_row,
                     [("algo", "algo", ""), ("positions", "positions", "d"), ("resident MiB", "resident_mb", ".1f"),
                      ("rollout MiB/row", "rollout_per_row_mb", ".1f"), ("rollout fixed", "rollout_fixed_mb", ".1f"),

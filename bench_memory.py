@@ -8,7 +8,14 @@ Memory is measured, not counted: on CPU the profiler's allocation tracking (ever
 with the running total), on CUDA torch.cuda.max_memory_allocated. "Resident" is what lives between steps (weights,
 gradients, AdamW state); a phase's peak is the most allocated above that while it runs. The rollout (all rows at once)
 and the update (old log-probs, loss, backward and AdamW step over the rows of one micro-batch) are measured on their
-own, each at 2 and 4 rows of one prompt: peak = fixed + rows x per_row, per_row the slope.
+own, each at 8 and 16 rows of one prompt: peak = fixed + rows x per_row, per_row the slope.
+
+Why 8 and 16 rows, not fewer: the update's peak is the larger of two. grpo_step frees the gradients
+(zero_grad(set_to_none)) before the forward and the backward allocates them again as it frees the activations, so one
+peak is near the end (gradients back, AdamW's temporaries) and hardly grows with rows, the other at the start of the
+backward (every activation and the logits' gradient, less the freed gradients) and grows by the full per-row cost. At
+2 and 4 rows of the 49k-vocabulary model the first one is the peak: the slope was 11.8 MiB/row, the per-row cost of
+that late peak only; from 8 rows the second one is (2, 4, 8, 16 rows: 26, 50, 331, 1067 MiB, slopes 12, 70, 92).
 """
 from __future__ import annotations
 
@@ -141,7 +148,7 @@ def phase_peaks(model, algo, device, rows: int) -> dict:
             "positions": int(ro.lengths[0]), "prompt_tokens": len(ro.prompt_ids[0]), "method": method}
 
 
-def per_row(name: str, size: str, device, T: int, answer_tokens: int, rows=(2, 4)) -> dict:
+def per_row(name: str, size: str, device, T: int, answer_tokens: int, rows=(8, 16)) -> dict:
     """Item 5, per row: peak = fixed + rows x per_row for the rollout and the update, from two numbers of rows."""
     points = []
     for n in rows:
@@ -177,7 +184,7 @@ def preset_model(spec: dict, layers: int | None):
     return LlamaForCausalLM(LlamaConfig(**config)), tokenizer
 
 
-def preset_micro_batches(name: str, device, gpus_gb=(24, 80), rows=(2, 4)) -> dict:
+def preset_micro_batches(name: str, device, gpus_gb=(24, 80), rows=(8, 16)) -> dict:
     """Item 6: one preset's per-row peak at its own shape (extrapolated over decoder layers where measured at
     fewer), and from it the largest --micro-batch-size whose update fits each GPU, next to the rollout's peak for the
     preset's whole batch (the rollout is not split into micro-batches)."""
