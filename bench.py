@@ -804,7 +804,7 @@ def main(argv=None) -> dict:
         rows = [bench_memory.preset_micro_batches(name, device) for name in bench_memory.PRESET_SHAPES]
         print_table("6. each preset at its model's shape (random weights, float32): per-row peak -> the largest "
                     "--micro-batch-size whose update fits", rows,
-                    [("preset", "preset", ""), ("positions", "positions", "d"), ("resident GB", "resident_mb", ".0f"),
+                    [("preset", "preset", ""), ("positions", "positions", "d"), ("resident MiB", "resident_mb", ".0f"),
                      ("update MiB/row", "update_per_row_mb", ".0f"), ("update fixed MiB", "update_fixed_mb", ".0f"),
                      ("rollout GB (all rows)", "rollout_peak_gb", ".1f"), ("24 GB", "micro_batch_24gb", "d"),
                      ("80 GB", "micro_batch_80gb", "d")])

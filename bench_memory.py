@@ -15,7 +15,8 @@ Why 8 and 16 rows, not fewer: the update's peak is the larger of two. grpo_step 
 peak is near the end (gradients back, AdamW's temporaries) and hardly grows with rows, the other at the start of the
 backward (every activation and the logits' gradient, less the freed gradients) and grows by the full per-row cost. At
 2 and 4 rows of the 49k-vocabulary model the first one is the peak: the slope was 11.8 MiB/row, the per-row cost of
-that late peak only; from 8 rows the second one is (2, 4, 8, 16 rows: 26, 50, 331, 1067 MiB, slopes 12, 70, 92).
+that late peak only; from 8 rows the second one is (Latent-GRPO, 2, 4, 8, 16 rows, 2026-12-07, while bench.forbid
+still copied the logits: 26, 50, 331, 1067 MiB, slopes 12, 70, 92 MiB/row).
 """
 from __future__ import annotations
 
