@@ -11,8 +11,10 @@ headline ratios as top-level keys.
 
   1   One batched latent step against one batched token-decode step of the same model and batch, warm KV cache:
       token (latent_grpo.sample_token), Coconut thought (the last hidden state fed back, Dropout-GRPO), soft step
-      (Gumbel noise, nucleus + top-K, the soft embedding, Latent-GRPO).
-      -> latent_step_over_token_step, soft_latent_step_over_token_step           (target: <= 1.1)
+      (latent_grpo.sample_latent_step: Gumbel noise where it can matter, nucleus + top-K, the soft embedding,
+      Latent-GRPO) at the default noise scale and at s = 1, and at s = 1 with the noise drawn over the whole
+      vocabulary (the sampler before). At the tiny, GPT-2-124M and SmolLM2-135M (49k vocabulary) sizes.
+      -> latent_step_over_token_step, soft_latent_step_over_token_step[_SIZE]    (target: <= 1.1)
   2   Rollouts per second of DropoutGRPO.rollout / .generate (batched, KV cache) against a port of Coconut's own
       generation (facebookresearch/coconut, coconut.py `Coconut.generate`: batch 1, the multi-pass latent forward,
       then the whole sequence re-run without a cache for every answer token). Same model, prompts, thoughts and answer
@@ -23,13 +25,18 @@ headline ratios as top-level keys.
       rollout and the update's loss path with the algorithms' `--compile` "true" against "false".
   4   Seconds per RL step through train.py's own functions (train.rollout_batch, train.grpo_step), split into
       rollout / old+ref log-probs / update, against the number of latent steps T and the group size G, with fits.
-  5   Peak memory of one RL step (CUDA: torch.cuda.max_memory_allocated; CPU: the profiler's allocation tracking).
+  5   Peak memory of one RL step (CUDA: torch.cuda.max_memory_allocated; CPU: the profiler's allocation tracking),
+      and per row: the rollout's and the update's peak at 8 and 16 rows, at the 49k vocabulary (bench_memory.py).
+      -> peak_memory_mb_*, peak_memory_mb_per_row_*
+  6   Each preset (train.PRESETS) at its model's shape: per-row peak -> the largest --micro-batch-size that fits a
+      24 GB and an 80 GB GPU (bench_memory.py; minutes on a CPU).              -> micro_batch_{24,80}gb_*
   gpu Fraction of the memory-bandwidth floor reached by one decode step at GPT-2-124M and Llama-1B sizes, bf16
       (CUDA only; the floor comes from a measured device-to-device copy, no spec sheet).
 
 Models. "tiny" is train.py's default model, built by train.build_model with the default train.Args();
-"gpt2-124m" is GPT-2's configuration (12 x 768, vocabulary 50257) with random weights and the same tokenizer. Random
-weights never end an answer by themselves, so lengths are forced: a hook on the LM head sets to -inf the logits of EOS,
+"gpt2-124m" is GPT-2's configuration (12 x 768, vocabulary 50257) with random weights and the same tokenizer;
+"llama-49k" SmolLM2-135M's (30 x 576, vocabulary 49152), likewise. Random weights never end an answer by themselves,
+so lengths are forced: a hook on the LM head sets to -inf the logits of EOS,
 of every id the tokenizer cannot decode, of `</think>` for Latent-GRPO, and of Coconut's three tokens for Dropout-GRPO
 (untrained, their rows are copies of "<<", an exact tie that rounding breaks differently in batches of 1 and of N).
 Every rollout then has exactly T latent steps and --answer-tokens answer tokens. Random weights also earn reward 0, so
@@ -44,7 +51,6 @@ import datetime
 import math
 import platform
 import random
-import resource
 import statistics
 import tempfile
 import time
@@ -53,7 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import compat
 import data
@@ -65,7 +71,7 @@ from dropout_grpo import DropoutGRPO
 from latent_grpo import LatentGRPO
 
 ALGOS = {"dropout_grpo": DropoutGRPO, "latent_grpo": LatentGRPO}
-ITEMS = ("1", "2", "3", "4", "5", "gpu")
+ITEMS = ("1", "2", "3", "4", "5", "6", "gpu")
 
 # Per size: decode batch (item 1); prompts x generations of a rollout batch and prompts run through the batch-1
 # reference (item 2); prompts x generations of the RL step whose memory is measured (item 5). GPT-2-124M on a CPU is
@@ -75,8 +81,14 @@ SIZES = {
                  max_repeats=None),
     "gpt2-124m": dict(decode_batch=32, prompts=4, generations=8, ref_prompts=2, mem_prompts=2, mem_generations=4,
                       max_repeats=2),
+    "llama-49k": dict(decode_batch=32, prompts=4, generations=8, ref_prompts=2, mem_prompts=2, mem_generations=4,
+                      max_repeats=2),
 }
 QUICK = dict(decode_batch=8, prompts=2, generations=4, ref_prompts=2, mem_prompts=2, mem_generations=2, max_repeats=2)
+# "llama-49k": SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json), a real 49,152-token vocabulary
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
 CONTEXT = 64           # item 1: tokens already in the KV cache
 THOUGHTS = 6           # latent steps at the default size: Coconut's c_thought 2 x max_latent_stage 3 (item 2, 4, 5)
 
@@ -89,12 +101,17 @@ def make_algo(name: str, size: str, device: torch.device, compile: str | None = 
     """(model, algo) built as train.main builds them: model and tokenizer, the algorithm (which adds its tokens), then
     the device, eval mode. Seeded, so every call gives the same weights."""
     torch.manual_seed(0)
-    if size == "tiny":
+    if isinstance(size, tuple):                      # a (model, tokenizer) built by the caller
+        model, tokenizer = size
+    elif size == "tiny":
         model, tokenizer = train.build_model(train.Args(), "tiny")
     else:
         tokenizer = data.build_tokenizer()
         eos = tokenizer.eos_token_id
-        model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos))   # GPT-2's own sizes
+        if size == "llama-49k":
+            model = LlamaForCausalLM(LlamaConfig(bos_token_id=eos, eos_token_id=eos, **SMOLLM2_135M))
+        else:
+            model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos))   # GPT-2's own sizes
     cls = ALGOS[name]
     if compile is not None:
         cfg["compile"] = compile
@@ -112,7 +129,9 @@ def forbid(model, tokenizer, ids):
     banned = torch.zeros(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
     banned[list(ids)] = True
     banned[len(tokenizer):] = True
-    return head.register_forward_hook(lambda module, args, out: out.masked_fill(banned, -math.inf))
+    # in place: the LM head's backward does not read its output, and a copy would add one (rows, positions, V)
+    # tensor to every peak that bench_memory.py measures, which no real run has
+    return head.register_forward_hook(lambda module, args, out: out.masked_fill_(banned, -math.inf))
 
 
 def truncate(cache, length: int):
@@ -214,16 +233,27 @@ def bench_step(size: str, batch: int, repeats: int, device: torch.device) -> dic
         def coconut_step():     # Dropout-GRPO's thought: h_t = last hidden state of the previous step
             state["h"] = step(inputs_embeds=state["h"][:, None]).hidden_states[-1][:, -1]
 
-        def soft_step():        # Latent-GRPO's rollout step: noise, candidates, top-K, mix of K embeddings
-            noise = latent_grpo.gumbel_noise(state["z"].shape, True, 1.0, generator)
+        def soft_step(s):       # Latent-GRPO's rollout step at noise scale s: candidates, top-K, mix of K embeddings
+            ids_k, _, w = latent_grpo.sample_latent_step(state["z"], 10, 0.95, 1.0, True, s, generator)
+            step(inputs_embeds=latent_grpo.soft_embedding(E, ids_k, w)[:, None])
+
+        def soft_full_draw(s):  # the same step with the noise drawn over the whole vocabulary (the sampler before)
+            noise = latent_grpo.gumbel_noise(state["z"].shape, True, s, generator)
             ids_k, _, w = latent_grpo.latent_step(state["z"], noise, 10, 0.95, 1.0)
             step(inputs_embeds=latent_grpo.soft_embedding(E, ids_k, w)[:, None])
 
-        t = timed_in_turns({"token": token_step, "coconut": coconut_step, "soft": soft_step}, repeats, device)
-        token, coconut, soft = t["token"], t["coconut"], t["soft"]
-    return {"size": size, "batch": batch, "context": CONTEXT, "token_ms": 1e3 * token,
-            "coconut_latent_ms": 1e3 * coconut, "soft_latent_ms": 1e3 * soft,
-            "coconut_latent_over_token": coconut / token, "soft_latent_over_token": soft / token}
+        s0 = latent_grpo.Config().noise_scale
+        t = timed_in_turns({"token": token_step, "coconut": coconut_step, "soft": lambda: soft_step(s0),
+                            "soft_full": lambda: soft_full_draw(s0), "soft_s1": lambda: soft_step(1.0),
+                            "soft_full_s1": lambda: soft_full_draw(1.0)}, repeats, device)
+        token = t["token"]
+    row = {"size": size, "batch": batch, "context": CONTEXT, "vocab": vocab, "noise_scale": s0,
+           "token_ms": 1e3 * token, "coconut_latent_ms": 1e3 * t["coconut"], "soft_latent_ms": 1e3 * t["soft"],
+           "coconut_latent_over_token": t["coconut"] / token, "soft_latent_over_token": t["soft"] / token}
+    for key in ("soft_full", "soft_s1", "soft_full_s1"):   # soft_full_draw_over_token, soft_s1_over_token, ...
+        name = key.replace("soft_full", "soft_full_draw")
+        row[f"{name}_ms"], row[f"{name}_over_token"] = 1e3 * t[key], t[key] / token
+    return row
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -518,57 +548,11 @@ def bench_rl_curves(name, device, P, G0, Ts, Gs, answer_tokens, steps) -> dict:
             "group_size_exponent_by_phase": {k: exponent[k] for k in phases}}
 
 
-def _profiler_peak_bytes(fn) -> int:
-    """Peak bytes allocated on the CPU while fn() runs, above what was live before: the profiler's allocation
-    tracking (every CPU allocation and free, with the running total)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    totals = [n.extra_fields.total_allocated for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if n.tag == _EventType.Allocation and str(n.extra_fields.device) == "cpu"]
-    return max(totals, default=0)
-
-
-def bench_memory(name, size, device, P, G, answer_tokens) -> dict:
-    step, model, opt = rl_stepper(name, size, device, P, G, THOUGHTS, answer_tokens)
-    step()                                               # warm-up: AdamW state and gradients exist from here on
-    tensors = [*model.parameters(), *(q.grad for q in model.parameters() if q.grad is not None),
-               *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
-    resident = sum(t.numel() * t.element_size() for t in tensors)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        peak, method = torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
-    else:
-        try:
-            peak, method = _profiler_peak_bytes(step), "torch.profiler CPU allocations (profile_memory)"
-        except Exception:            # the profiler's event tree is a private API: fall back to the process's max RSS
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            step()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-            method = "ru_maxrss increase (a lower bound: 0 when an earlier step peaked higher)"
-    return {"algo": name, "size": size, "rows": P * G, "T": THOUGHTS, "answer_tokens": answer_tokens,
-            "resident_mb": resident / 2**20, "step_peak_mb": peak / 2**20, "total_peak_mb": (resident + peak) / 2**20,
-            "method": method}
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: fraction of the memory-bandwidth floor of one decode step
 # ------------------------------------------------------------------------------------------------------------------
 
 def gpu_models():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     return {
         "gpt2-124m": lambda: GPT2LMHeadModel(GPT2Config()),
         # Llama-3.2-1B's shape (tied embeddings, as that model)
@@ -703,12 +687,24 @@ def main(argv=None) -> dict:
                     rows, [("size", "size", ""), ("batch", "batch", "d"), ("token ms", "token_ms", ".2f"),
                            ("coconut ms", "coconut_latent_ms", ".2f"), ("soft ms", "soft_latent_ms", ".2f"),
                            ("coconut/token", "coconut_latent_over_token", ".2f"),
-                           ("soft/token", "soft_latent_over_token", ".2f")])
-        print("   target: latent / token <= 1.1")
+                           ("soft/token", "soft_latent_over_token", ".2f"),
+                           ("full draw/token", "soft_full_draw_over_token", ".2f"),
+                           ("soft s=1/token", "soft_s1_over_token", ".2f"),
+                           ("full draw s=1/token", "soft_full_draw_s1_over_token", ".2f")])
+        print(f"   target: latent / token <= 1.1. soft: the rollout's sampler (latent_grpo.sample_latent_step) at the "
+              f"default noise scale s = {rows[0]['noise_scale']}; full draw: the noise drawn over the whole "
+              f"vocabulary, as the sampler did before; s=1: the released scripts' noise scale")
         result["items"]["1"] = rows
         main_row = next((r for r in rows if r["size"] == "tiny"), rows[0])     # the headline: the default size
         result["latent_step_over_token_step"] = main_row["coconut_latent_over_token"]
         result["soft_latent_step_over_token_step"] = main_row["soft_latent_over_token"]
+        for r in rows:
+            suffix = "_" + r["size"].replace("-", "_")
+            result[f"latent_step_over_token_step{suffix}"] = r["coconut_latent_over_token"]
+            result[f"soft_latent_step_over_token_step{suffix}"] = r["soft_latent_over_token"]
+            result[f"soft_full_draw_over_token_step{suffix}"] = r["soft_full_draw_over_token"]
+            result[f"soft_latent_step_over_token_step_s1{suffix}"] = r["soft_s1_over_token"]
+            result[f"soft_full_draw_over_token_step_s1{suffix}"] = r["soft_full_draw_s1_over_token"]
         save()
 
     if "2" in args.items:
@@ -774,8 +770,11 @@ def main(argv=None) -> dict:
         result["items"]["4"] = curves
         save()
 
+    if "5" in args.items or "6" in args.items:
+        import bench_memory       # items 5 and 6 live there; it imports this module's helpers
+
     if "5" in args.items:
-        rows = [bench_memory(name, s, device, params[s]["mem_prompts"], params[s]["mem_generations"], A)
+        rows = [bench_memory.bench_memory(name, s, device, params[s]["mem_prompts"], params[s]["mem_generations"], A)
                 for s in args.sizes for name in ALGOS]
         print_table(f"5. peak memory of one RL step ({THOUGHTS} latent steps + {A} answer tokens)", rows,
                     [("algo", "algo", ""), ("size", "size", ""), ("rows", "rows", "d"),
@@ -783,10 +782,38 @@ def main(argv=None) -> dict:
                      ("total MiB", "total_peak_mb", ".1f")])
         print(f"   resident = weights + gradients + AdamW state; step peak = the most allocated above that during "
               f"the step, measured by {rows[0]['method']}")
-        result["items"]["5"] = rows
         for r in rows:
             suffix = "" if r["size"] == "tiny" else "_" + r["size"].replace("-", "_")
             result[f"peak_memory_mb_{r['algo']}{suffix}"] = r["total_peak_mb"]
+        # per row, at the real vocabulary when it is among the sizes (the headline keys), else at the first size
+        size = "llama-49k" if "llama-49k" in args.sizes else args.sizes[0]
+        per_row = [bench_memory.per_row(name, size, device, THOUGHTS, A) for name in ALGOS]
+        print_table(f"5b. peak per row ({size}, 1 prompt x 8 and 16 rows, {THOUGHTS} latent steps + {A} answer "
+                    f"tokens): peak = fixed + rows x per row, above the resident state", per_row,
+                    [("algo", "algo", ""), ("positions", "positions", "d"), ("resident MiB", "resident_mb", ".1f"),
+                     ("rollout MiB/row", "rollout_per_row_mb", ".1f"), ("rollout fixed", "rollout_fixed_mb", ".1f"),
+                     ("update MiB/row", "update_per_row_mb", ".1f"), ("update fixed", "update_fixed_mb", ".1f")])
+        suffix = "" if size == "llama-49k" else "_" + size.replace("-", "_")
+        for r in per_row:
+            result[f"peak_memory_mb_per_row_{r['algo']}{suffix}"] = r["update_per_row_mb"]
+            result[f"peak_memory_mb_per_row_rollout_{r['algo']}{suffix}"] = r["rollout_per_row_mb"]
+        result["items"]["5"] = {"steps": rows, "per_row": per_row}
+        save()
+
+    if "6" in args.items:
+        rows = [bench_memory.preset_micro_batches(name, device) for name in bench_memory.PRESET_SHAPES]
+        print_table("6. each preset at its model's shape (random weights, float32): per-row peak -> the largest "
+                    "--micro-batch-size whose update fits", rows,
+                    [("preset", "preset", ""), ("positions", "positions", "d"), ("resident MiB", "resident_mb", ".0f"),
+                     ("update MiB/row", "update_per_row_mb", ".0f"), ("update fixed MiB", "update_fixed_mb", ".0f"),
+                     ("rollout GB (all rows)", "rollout_peak_gb", ".1f"), ("24 GB", "micro_batch_24gb", "d"),
+                     ("80 GB", "micro_batch_80gb", "d")])
+        for r in rows:
+            print(f"   {r['preset']}: measured on {r['measured']}; {r['prompt_tokens']} prompt tokens")
+            key = r["preset"].replace("-", "_")
+            result[f"micro_batch_24gb_{key}"], result[f"micro_batch_80gb_{key}"] = (r["micro_batch_24gb"],
+                                                                                    r["micro_batch_80gb"])
+        result["items"]["6"] = rows
         save()
 
     if "gpu" in args.items:

@@ -30,7 +30,6 @@ number of thoughts (one curriculum stage).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 
-import compat
+import decode
 
 # §2.1: <bot> opens the latent phase, <latent> holds a thought's place in SFT sequences, <eot> closes it.
 # Coconut's own names come first: a tokenizer that already has them (a Coconut checkpoint) keeps its rows.
@@ -112,11 +111,6 @@ class Config:
 # Pure maths on plain tensors: the mask (§3.2), the group advantage (§3.6), the clipped loss (§3.7)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _wide(x: Tensor) -> Tensor:
-    """`x` in at least float32: bf16 is widened, float64 stays float64 (exact tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def sample_mask(seed: int, widths: list[int], p: float) -> list[Tensor]:
     """One rollout's masks, one per site of width `widths[s]`, in that order, already scaled by 1 / (1 - p).
 
@@ -130,7 +124,7 @@ def sample_mask(seed: int, widths: list[int], p: float) -> list[Tensor]:
 
 def group_advantages(rewards: Tensor, mode: str) -> Tensor:
     """(P, G) rewards -> (P, G) advantages (§3.6). A one-sample group has no baseline: advantage 0."""
-    rewards = _wide(rewards)
+    rewards = decode.wide(rewards)
     G = rewards.shape[1]
     if G == 1:
         return torch.zeros_like(rewards)
@@ -152,7 +146,7 @@ def clipped_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: T
                  compiled: bool = False) -> tuple[Tensor, dict[str, float]]:
     """The clipped surrogate plus k3 KL of §3.7 over the scored steps `mask` (N, L), divided by `denom`.
     compiled: the maths runs under torch.compile (Config.compile)."""
-    terms = _compiled(_clipped_terms, dynamic=True) if compiled else _clipped_terms
+    terms = decode.compiled(_clipped_terms, dynamic=True) if compiled else _clipped_terms
     loss, kl, clip_ratio, ratio_mean = terms(logp, old_logp, ref_logp, adv, mask, epsilon, beta, denom)
     stats = {} if kl is None else {"kl": kl.item()}
     return loss, {**stats, "clip_ratio": clip_ratio.item(), "ratio_mean": ratio_mean.item()}
@@ -229,7 +223,7 @@ def mask_sites(model: nn.Module, kind: str) -> list[tuple[nn.Module, bool, int]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts, padding
+# Rollouts (padding and the cached forward are decode.py's)
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -260,84 +254,10 @@ class Rollout:
     """(N, d) float: h_T, the last hidden state of the latent phase (for dropout/latent_spread)"""
 
 
-def _left_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(B, P) ids and attention mask, right-aligned so every row ends at the same column (at <bot>)."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), P, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):], attn[i, P - len(s):] = s, 1
-    return ids, attn
-
-
-def _right_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(B, L) ids and a bool mask of the real entries, left-aligned."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-    return ids, torch.arange(L) < torch.tensor([len(s) for s in seqs])[:, None]
-
-
 def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    """log softmax(logits / τ): the sampler and the replay share this one function."""
-    return torch.log_softmax(_wide(logits) / temperature, -1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Compiled step (Config.compile): the rollout's per-position forward on a static KV cache, the loss maths
-# ---------------------------------------------------------------------------------------------------------------
-
-@functools.cache
-def _compiled(fn, **options):
-    """torch.compile(fn, **options), wrapped once per process (the compilation itself happens at the first call)."""
-    return torch.compile(fn, **options)
-
-
-def _step(model, cache, attn: Tensor, **inputs) -> tuple[Tensor, Tensor]:
-    """One cached forward: the last-layer hidden states, post final norm (the LM head's input, Coconut's
-    `hidden_states[-1]`), and the logits."""
-    out = model(**inputs, attention_mask=attn, **compat.cache_arg(model, cache), use_cache=True, output_hidden_states=True)
-    return out.hidden_states[-1], out.logits
-
-
-def _compiled_step(model, cache: StaticCache, attn: Tensor, **inputs) -> tuple[Tensor, Tensor]:
-    """`_step` under torch.compile: CUDA graphs on CUDA (mode reduce-overhead), inductor's default mode elsewhere.
-    Every call of a rollout has the same shapes (static cache, full-width mask), so a rollout compiles one graph per
-    kind of call (thought / token, masked / not), and a later rollout of the same rows and cache length none."""
-    cuda = model.device.type == "cuda"
-    if cuda:
-        torch.compiler.cudagraph_mark_step_begin()          # the previous replay's outputs were copied out below
-    # contiguous: the first thought's input is a strided view of the prefill's states (another graph otherwise)
-    inputs = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in inputs.items()}
-    step = _compiled(_step, mode="reduce-overhead" if cuda else None, dynamic=False)
-    # static shapes: training, evaluation and their last partial batches each add graphs, beyond dynamo's default 8
-    with torch._dynamo.config.patch(recompile_limit=64):
-        hidden, logits = step(model, cache, attn, **inputs)
-    return hidden.clone(), logits.clone()                   # a CUDA graph overwrites its outputs at the next replay
-
-
-def _static_cache(cache: DynamicCache, rows: Tensor | None, attn: Tensor, budget: int, config,
-                  spare: StaticCache | None = None) -> tuple[StaticCache, Tensor]:
-    """The prefilled `cache` as a StaticCache with room for `budget` more positions, its rows picked by `rows` (None:
-    all), and the (N, P) attention mask widened to the cache's length. The new columns are 1 from the start: a slot
-    not yet written lies after every query, so the causal mask hides it, and the mask never changes shape.
-    spare: an earlier rollout's StaticCache, reset and reused when it has the same shape (a CUDA graph is recorded
-    against the cache's addresses; a new cache each rollout would make it record again)."""
-    # a power of two: the cache length is a constant of the compiled graph, so few lengths mean few compilations
-    length = max(64, 1 << ((attn.shape[1] + budget) - 1).bit_length())
-    first = cache.layers[0].keys                             # (B, heads, P, d_head)
-    layout = len(cache.layers), (len(attn), first.shape[1], length, first.shape[3]), first.dtype, first.device
-    old = None if spare is None else spare.layers[0].keys
-    if old is not None and (len(spare.layers), old.shape, old.dtype, old.device) == layout:
-        static = spare
-        static.reset()
-    else:
-        static = StaticCache(config=config, max_cache_len=length)
-    for i, layer in enumerate(cache.layers):
-        keys, values = (layer.keys, layer.values) if rows is None else (layer.keys[rows], layer.values[rows])
-        static.update(keys, values, i)                       # (N, heads, P, d_head) into slots 0..P-1
-    return static, F.pad(attn, (0, length - attn.shape[1]), value=1)
+    """log softmax(logits / τ) over the whole vocabulary, for the sampler; the replay reads the same law at the
+    sampled ids alone (decode.selective_log_softmax)."""
+    return torch.log_softmax(decode.wide(logits) / temperature, -1)
 
 
 def _remove_hooks(model: nn.Module) -> None:
@@ -354,11 +274,6 @@ def _require_eval(model: nn.Module) -> None:
     if model.training:
         raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before a rollout or "
                          f"log-probs (native dropout would break the replay)")
-
-
-def _next_attn(attn: Tensor, cache) -> Tensor:
-    """The attention mask for one more position: a DynamicCache grows by a column, a StaticCache's mask is full."""
-    return attn if isinstance(cache, StaticCache) else F.pad(attn, (0, 1), value=1)
 
 
 class DropoutGRPO:
@@ -475,10 +390,11 @@ class DropoutGRPO:
         return self.cfg.compile == "true" or (self.cfg.compile == "auto" and device.type == "cuda")
 
     def _forward(self, model, masks, cache, attn, **inputs) -> tuple[Tensor, Tensor]:
-        """One cached forward call under `masks` (`_step`; compiled on a StaticCache). Returns the last-layer hidden
-        states, post final norm, and the logits."""
+        """One cached forward call under `masks` (`decode.step`; compiled on a StaticCache). Returns the last-layer
+        hidden states, post final norm, and the logits."""
+        forward = decode.compiled_step if isinstance(cache, StaticCache) else decode.step
         with self._masked(masks):
-            return (_compiled_step if isinstance(cache, StaticCache) else _step)(model, cache, attn, **inputs)
+            return forward(model, cache, attn, **inputs)
 
     def _think(self, model, ids, attn, T: int, masks, rows: Tensor | None = None, budget: int = 0):
         """Prefill left-padded prompts ending in <bot>, then run T continuous thoughts with the KV cache.
@@ -502,14 +418,14 @@ class DropoutGRPO:
             rows = rows.to(device)
             h, pos, attn = h[rows], pos[rows], attn[rows]
         if budget:
-            cache, attn = _static_cache(cache, rows, attn, budget, model.config, self._spare)
+            cache, attn = decode.static_cache(cache, rows, attn, budget, model.config, self._spare)
             self._spare = cache
         elif rows is not None:
             cache.reorder_cache(rows)
         for t in range(1, T + 1):
             # §2.2: e_t = h_{t−1}, fed back as the next input embedding; never detached (§3.9: full BPTT)
             e = h * masks[t][0] if masks is not None and self.cfg.mask_sites == "latent_vec" else h
-            attn, pos = _next_attn(attn, cache), pos + 1
+            attn, pos = decode.next_attn(attn, cache), pos + 1
             # one position with the cache: a thought costs what a token costs
             hid, _ = self._forward(model, None if masks is None else masks[t], cache, attn,
                                    inputs_embeds=e[:, None], position_ids=pos[:, None], logits_to_keep=1)
@@ -520,10 +436,10 @@ class DropoutGRPO:
         """Prefill + T thoughts for N rows. A prompt under a mask is prefilled per row; an unmasked one once per run
         of equal consecutive prompts (a group), its cache then expanded over the run (§3.4 note)."""
         if masks is not None and self.cfg.mask_sites != "latent_vec":
-            return self._think(model, *_left_pad(prompts, self.pad_id), T, masks, budget=budget)
+            return self._think(model, *decode.left_pad(prompts, self.pad_id), T, masks, budget=budget)
         new = torch.tensor([i == 0 or not torch.equal(prompts[i], prompts[i - 1]) for i in range(len(prompts))])
         unique = [p for p, is_new in zip(prompts, new) if is_new]
-        return self._think(model, *_left_pad(unique, self.pad_id), T, masks, rows=new.cumsum(0) - 1, budget=budget)
+        return self._think(model, *decode.left_pad(unique, self.pad_id), T, masks, rows=new.cumsum(0) - 1, budget=budget)
 
     def _teacher_forced(self, model, cache, attn, pos, tokens: Tensor, valid: Tensor, masks) -> Tensor:
         """Logits (B, L, V) of one teacher-forced pass over `tokens` (B, L) after the latent phase."""
@@ -572,8 +488,8 @@ class DropoutGRPO:
             kept = [] if no_steps else ex["steps"][stage:]
             rests.append(torch.tensor([opener] + [t for s in kept for t in encode(s + "\n")]
                                       + encode("### " + ex["answer"]) + [self.eos_id]))
-        ids, attn = _left_pad(prompts, self.pad_id)
-        rest, valid = _right_pad(rests, self.pad_id)
+        ids, attn = decode.left_pad(prompts, self.pad_id)
+        rest, valid = decode.right_pad(rests, self.pad_id)
         B = len(examples)
         ids = torch.cat([ids, torch.full((B, n), self.latent_id), rest], 1)
         attn = torch.cat([attn, torch.ones(B, n, dtype=torch.long), valid.long()], 1)
@@ -590,7 +506,7 @@ class DropoutGRPO:
         cache, prefix_attn, pos, _ = self._think(model, ids[:, :P], attn[:, :P], n, None)
         logits = self._teacher_forced(model, cache, prefix_attn, pos, ids[:, P + n:], attn[:, P + n:].bool(), None)
         # the logits at <eot> and after predict the next label; earlier targets are all -100
-        return F.cross_entropy(_wide(logits[:, :-1]).flatten(0, 1), labels[:, P + n + 1:].flatten(),
+        return F.cross_entropy(decode.wide(logits[:, :-1]).flatten(0, 1), labels[:, P + n + 1:].flatten(),
                                ignore_index=-100)
 
     def sft_normaliser(self, batch: dict[str, Tensor]) -> float:
@@ -645,7 +561,7 @@ class DropoutGRPO:
         done = torch.zeros_like(tok, dtype=torch.bool)
         tokens, logps = [], []
         for _ in range(self.cfg.max_new_tokens):
-            attn, pos = _next_attn(attn, cache), pos + 1
+            attn, pos = decode.next_attn(attn, cache), pos + 1
             _, logits = self._forward(model, masks, cache, attn, input_ids=tok[:, None], position_ids=pos[:, None])
             logp = _log_softmax(logits[:, -1], self.cfg.temperature)                 # (N, V)
             # §3.4: y_j ~ softmax(logits / τ), top-p 1.0 (greedy for the evaluation policy)
@@ -678,12 +594,12 @@ class DropoutGRPO:
         masks = self._masks(rollout.mask_seed, T, model) if use_mask else None
         prefixes, openers = self._opening(rollout.prompt_ids)
         cache, attn, pos, _ = self._latent_phase(model, prefixes, T, masks)
-        y, valid = _right_pad(rollout.answer_ids, self.pad_id)                                      # (N, L)
+        y, valid = decode.right_pad(rollout.answer_ids, self.pad_id)                                # (N, L)
         inputs = torch.cat([openers[:, None], y[:, :-1]], 1)                                   # <eot>, y_<L
         logits = self._teacher_forced(model, cache, attn, pos, inputs, valid, self._answer_masks(masks, T))
         y, valid = y.to(model.device), valid.to(model.device)
-        # §3.3: ℓ_j = log softmax(W_U g_j / τ)[y_j]
-        logp = _log_softmax(logits, self.cfg.temperature).gather(-1, y[..., None])[..., 0]
+        # §3.3: ℓ_j = log softmax(W_U g_j / τ)[y_j]   (read at y_j alone: no (N, L, V) float32 copy)
+        logp = decode.selective_log_softmax(logits, y[..., None], self.cfg.temperature)[..., 0]
         return torch.where(valid, logp, 0)
 
     # ---- §3.6 advantage, §3.7 loss, metrics ----------------------------------------------------------------------

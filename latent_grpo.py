@@ -47,15 +47,15 @@ Deliberate simplifications and choices, all [I] in the spec:
   * Embeddings (input and LM head) are trainable during the SFT initialisation, where the new tokens must learn, and
     frozen by `start_rl(model)`, which train.py calls once before building the RL optimiser (5.4).
 """
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 import compat
+import decode
 import latent_sft
 
 THINK, END_THINK = "<think>", "</think>"
@@ -265,6 +265,54 @@ def _top_k_in_nucleus(logp: torch.Tensor, noise: torch.Tensor, top_k: int, top_p
     return g, order.gather(-1, j)
 
 
+HEAD_MIN_VOCAB = 4096
+"""sample_latent_step draws the noise for the head only from this vocabulary size on: below it a full-vocabulary op
+costs its dispatch more than its passes, and the head's few extra ops cost more than the draws they save."""
+
+
+def sample_latent_step(logits: torch.Tensor, top_k: int, top_p: float, gumbel_temperature: float, one_sided: bool,
+                       noise_scale: float, generator: torch.Generator):
+    """One latent step of a rollout (spec 3.1 steps 1-5): `latent_step` with the noise drawn, but only for the tokens
+    that can be picked. The law of the result is exactly that of `latent_step(logits, gumbel_noise((N, V), ...))`:
+    the noise is bounded and independent across tokens, and a token that cannot reach the top K whatever its noise
+    never influences the result, so leaving its draw out changes nothing (tests/test_latent_grpo.py compares the two
+    samplers' laws). noise_scale 0: the deterministic branch 3.2. logits (N, V) -> ids, g, w (N, K)."""
+    N, V = logits.shape
+    if not noise_scale:
+        return latent_step(logits, 0.0, top_k, top_p, gumbel_temperature)
+    if V >= HEAD_MIN_VOCAB:
+        # gumbel_noise's range: G in [-1.5, 3] (+1.5 when one-sided), times s
+        lo, hi = noise_scale * (-1.5 + 1.5 * one_sided), noise_scale * (3.0 + 1.5 * one_sided)
+        # the reach: the K most probable tokens are in M (3.1 step 1) and score S_u >= L_(K) + lo each, so v can be
+        # in topK(S) only if L_v + hi >= L_(K) + lo, i.e. z_v >= z_(K) - (hi - lo) (L = z - logsumexp z: the same
+        # shift for every token, so the logits serve). 1e-4 more: room for the float32 rounding of L + G
+        line = logits.topk(top_k, dim=-1).values[:, -1:] - (hi - lo) - 1e-4            # (N, 1)
+        m = int((logits >= line).sum(-1).max())
+        if 2 * m <= V:   # else most of the vocabulary is within reach (a flat law, a large s): draw over all of it
+            return _sample_in_head(logits, m, top_k, top_p, gumbel_temperature, one_sided, noise_scale, generator)
+    noise = gumbel_noise(logits.shape, one_sided, noise_scale, generator)
+    return latent_step(logits, noise, top_k, top_p, gumbel_temperature)
+
+
+def _sample_in_head(logits, m: int, top_k: int, top_p: float, gumbel_temperature: float, one_sided: bool,
+                    noise_scale: float, generator):
+    """sample_latent_step on the head: the m most probable tokens of each row, every reachable one among them (a
+    row's tokens beyond its own reach get a draw they cannot use: independent draws, so the law is unchanged)."""
+    head, order = logits.topk(m, dim=-1)                                               # (N, m) descending
+    # L = log_softmax(z), for the head alone
+    head = head - logits.logsumexp(-1, keepdim=True)
+    # 1. v is in M when the mass of the tokens more probable than v is < top_p, or v is among the K most probable;
+    # every token more probable than a head token is in the head, so the head's running sum is that mass exactly
+    p = head.exp()
+    in_M = (p.cumsum(-1) - p) < top_p
+    in_M[:, :top_k] = True
+    # 2. G, for the head alone; 3. S_v = L_v + G_v on M; 4. (g_1..g_K, id_1..id_K) = topK(S)
+    S = head + gumbel_noise(head.shape, one_sided, noise_scale, generator).to(head.dtype)
+    g, j = S.masked_fill(~in_M, -math.inf).topk(top_k, dim=-1)                        # (N, K)
+    # 5. w = softmax(g / tau_g)
+    return order.gather(-1, j), g, (g / gumbel_temperature).softmax(-1)
+
+
 def soft_embedding(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Spec 3.1 step 8: e = sum_k w_k E[id_k], a convex mix of K rows of the (V, d) embedding matrix.
     ids, weights (..., K) -> (..., d). The same function builds the rollout inputs, the training inputs and the
@@ -296,20 +344,30 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 # ------------------------------------------------------------------------------------------------------------------
 
 def token_logprob(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hard step: l_t = log_softmax(z_t / T)[y_t] (spec 4). logits (..., V), ids (...) -> (...)."""
-    return (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    """Hard step (spec 4). logits (..., V) in any float dtype, ids (...) -> (...) in at least float32, read at the
+    one id without a (..., V) float32 copy (decode.selective_log_softmax)."""
+    # l_t = log_softmax(z_t / T)[y_t]
+    return decode.selective_log_softmax(logits, ids.unsqueeze(-1), temperature).squeeze(-1)
 
 
 def gumbel_perturbation(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor) -> torch.Tensor:
     """x_k = g_k - L_k(theta), L = log_softmax(z) at T = 1 (spec 4): the noise the current policy would have needed
-    to produce the stored score. logits (..., V), topk (..., K) -> (..., K). At theta_old it is the rollout's noise."""
-    return topk_scores - logits.log_softmax(-1).gather(-1, topk_ids)
+    to produce the stored score. logits (..., V), topk (..., K) -> (..., K). At theta_old it is the rollout's noise.
+    L is read at the K ids only (decode.selective_log_softmax), in at least float32."""
+    # x_k = g_k - log_softmax(z)[id_k]
+    return topk_scores - decode.selective_log_softmax(logits, topk_ids)
 
 
 def latent_logprob(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, advantages=None):
     """Latent step's surrogate log-density (spec 4), one value per position. logits (..., V), topk (..., K),
     advantages (...) or None. With advantages, FlipGrad reshapes the gradient; the value never changes (T5)."""
-    x = gumbel_perturbation(logits, topk_ids, topk_scores)                             # (..., K)
+    return latent_density(decode.selective_log_softmax(logits, topk_ids), topk_scores, advantages)
+
+
+def latent_density(logp_k: torch.Tensor, topk_scores: torch.Tensor, advantages=None) -> torch.Tensor:
+    """latent_logprob from L_k = log_softmax(z)[id_k] already read at the K ids (..., K) -> (...)."""
+    # x_k = g_k - L_k(theta)
+    x = topk_scores - logp_k                                                           # (..., K)
     # phi(x) = -x - exp(-x): log-density of a standard Gumbel at x
     phi = -x - torch.exp(-x)
     if advantages is not None:
@@ -389,59 +447,6 @@ def dual_clip_loss(logprobs, old_logprobs, ref_logprobs, A, valid, epsilon: floa
         kl = aggregate((torch.exp(d) - d - 1).clamp(-10.0, 10.0), valid, rows_per_mean)
         loss = loss + beta * kl
     return loss, kl, aggregate((l2 > l1).float(), valid, rows_per_mean)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Compiled step (Config.compile): the rollout's per-position forward on a static KV cache; the maths above
-# ------------------------------------------------------------------------------------------------------------------
-
-@functools.cache
-def _compiled(fn, **options):
-    """torch.compile(fn, **options), wrapped once per process (the compilation itself happens at the first call)."""
-    return torch.compile(fn, **options)
-
-
-def _step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-    """One cached forward of input embeddings x (N, 1, d) -> logits (N, 1, V)."""
-    return model(inputs_embeds=x, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache),
-                 use_cache=True).logits
-
-
-def _compiled_step(model, x: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                   cache: StaticCache) -> torch.Tensor:
-    """`_step` under torch.compile: CUDA graphs on CUDA (mode reduce-overhead), inductor's default mode elsewhere.
-    Every call of a rollout has the same shapes (static cache, full-width mask), so a rollout compiles one graph, and
-    a later rollout of the same rows and cache length none."""
-    cuda = x.device.type == "cuda"
-    if cuda:
-        torch.compiler.cudagraph_mark_step_begin()         # the previous replay's output was copied out below
-    step = _compiled(_step, mode="reduce-overhead" if cuda else None, dynamic=False)
-    # static shapes: training, evaluation and their last partial batches each add graphs, beyond dynamo's default 8
-    with torch._dynamo.config.patch(recompile_limit=64):
-        logits = step(model, x.contiguous(), mask, position, cache)
-    return logits.clone()                                  # a CUDA graph overwrites its outputs at the next replay
-
-
-def _static_cache(cache: DynamicCache, rows: torch.Tensor, mask: torch.Tensor, budget: int, config,
-                  spare: StaticCache | None = None) -> tuple[StaticCache, torch.Tensor]:
-    """The prefilled `cache` as a StaticCache with room for `budget` more positions, its rows picked by `rows`, and
-    the (N, P) attention mask widened to the cache's length. The new columns are 1 from the start: a slot not yet
-    written lies after every query, so the causal mask hides it, and the mask never changes shape.
-    spare: an earlier rollout's StaticCache, reset and reused when it has the same shape (a CUDA graph is recorded
-    against the cache's addresses; a new cache each rollout would make it record again)."""
-    # a power of two: the cache length is a constant of the compiled graph, so few lengths mean few compilations
-    length = max(64, 1 << ((mask.shape[1] + budget) - 1).bit_length())
-    first = cache.layers[0].keys                            # (P, heads, Lp, d_head)
-    layout = len(cache.layers), (len(rows), first.shape[1], length, first.shape[3]), first.dtype, first.device
-    old = None if spare is None else spare.layers[0].keys
-    if old is not None and (len(spare.layers), old.shape, old.dtype, old.device) == layout:
-        static = spare
-        static.reset()
-    else:
-        static = StaticCache(config=config, max_cache_len=length)
-    for i, layer in enumerate(cache.layers):
-        static.update(layer.keys[rows], layer.values[rows], i)   # (N, heads, P, d_head) into slots 0..P-1
-    return static, F.pad(mask, (0, length - mask.shape[1]), value=1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -590,9 +595,12 @@ class LatentGRPO:
             return self.sft.loss(model, batch, self.stage)
         b = {k: v.to(model.device) for k, v in batch.items()}
         x = soft_embedding(model.get_input_embeddings().weight, b["ids"], b["weights"])           # (B, T, d)
-        logits = _fp32(model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits[:, :-1])
-        # q at position t-1 = the weights of the ids at position t (one-hot for ordinary tokens)
-        ce = -(b["weights"][:, 1:] * logits.log_softmax(-1).gather(-1, b["ids"][:, 1:])).sum(-1)  # (B, T-1)
+        logits = model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits                # (B, T, V)
+        # q at position t-1 = the weights of the ids at position t (one-hot for ordinary tokens); the last position
+        # gets weight 0 (all T positions are read: a slice [:, :-1] of the logits would be copied)
+        q, ids = F.pad(b["weights"][:, 1:], (0, 0, 0, 1)), F.pad(b["ids"][:, 1:], (0, 0, 0, 1))   # (B, T, c)
+        # -sum_v q_v log p_v, read at the c ids of q's support only
+        ce = -(q * decode.selective_log_softmax(logits, ids)).sum(-1)[:, :-1]                    # (B, T-1)
         mask = b["target_mask"][:, 1:]
         return (ce * mask).sum() / mask.sum()
 
@@ -637,21 +645,21 @@ class LatentGRPO:
         cfg, dev = self.cfg, model.device
         E = model.get_input_embeddings().weight                                        # (V, d)
         prompts = [torch.tensor(self._encode(self.prompt_text(q))) for q in questions]
-        ids, mask = _left_pad(prompts, self.pad_id)                                    # (P, Lp)
+        ids, mask = decode.left_pad(prompts, self.pad_id)                              # (P, Lp)
         ids, mask = ids.to(dev), mask.to(dev)
         position = (mask.cumsum(-1) - 1).clamp(min=0)   # explicit positions: left padding must not shift them
         # prefill each question once, then expand cache and logits over its G generations (group-major rows)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, **compat.cache_arg(model, cache), use_cache=True,
                     logits_to_keep=1)
-        z = _fp32(out.logits[:, -1]).repeat_interleave(G, 0)                           # (N, V)
+        z = decode.wide(out.logits[:, -1]).repeat_interleave(G, 0)                     # (N, V)
         mask, position = mask.repeat_interleave(G, 0), position[:, -1:].repeat_interleave(G, 0)
         N, K, budget = z.shape[0], cfg.top_k, cfg.max_response_length
         compiled = self._compiling(dev)
         if compiled:
             # fixed shapes from here on: a static cache with a slot for every position but the last (never fed back)
             rows = torch.arange(len(prompts), device=dev).repeat_interleave(G)
-            cache, mask = _static_cache(cache, rows, mask, budget - 1, model.config, self._spare)
+            cache, mask = decode.static_cache(cache, rows, mask, budget - 1, model.config, self._spare)
             self._spare = cache
         else:
             cache.batch_repeat_interleave(G)
@@ -673,8 +681,8 @@ class LatentGRPO:
                 # token rows: ordinary sampling (3.3)
                 y = sample_token(z, cfg.temperature, cfg.top_p, top_k, generator)
             if in_latent.any():
-                noise = gumbel_noise(z.shape, cfg.one_sided, noise_scale, generator) if noise_scale else 0.0
-                ids_t, g, w = latent_step(z, noise, K, cfg.top_p_latent, cfg.gumbel_temperature)
+                ids_t, g, w = sample_latent_step(z, K, cfg.top_p_latent, cfg.gumbel_temperature, cfg.one_sided,
+                                                 noise_scale, generator)
                 # 3.3: leave latent mode when y = id_1 is the end id (3.1.7: or when the unperturbed argmax is)
                 exit_ = ids_t[:, 0] == self.end_id
                 if cfg.forced_exit:
@@ -693,10 +701,9 @@ class LatentGRPO:
                 break
             # next input: the soft embedding after a latent step, E[y] after a hard one (spec 3.1.8, 3.3)
             x = torch.where(soft[:, None], soft_embedding(E, ids_t, w), E[y]) if soft.any() else E[y]
-            if not compiled:                                # a static cache's mask already has every column
-                mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
-            position = position + 1
-            z = _fp32((_compiled_step if compiled else _step)(model, x[:, None], mask, position, cache)[:, -1])
+            mask, position = decode.next_attn(mask, cache), position + 1
+            forward = decode.compiled_step if compiled else decode.step
+            z = decode.wide(forward(model, cache, mask, inputs_embeds=x[:, None], position_ids=position)[1][:, -1])
 
         tokens, topk_ids, topk_scores, done = tokens.cpu(), topk_ids.cpu(), topk_scores.cpu(), done.cpu()
         lengths, num_latent = lengths.cpu(), num_latent.cpu()
@@ -723,13 +730,9 @@ class LatentGRPO:
         rebuilt from the stored ids and scores (detached). advantages (N, >= L) or (N, 1) switch on FlipGrad."""
         cfg, dev = self.cfg, model.device
         N, L = len(rollout.token_ids), int(rollout.lengths.max())
-        prompt, prompt_mask = _left_pad(rollout.prompt_ids, self.pad_id)               # (N, Lp)
-        response = torch.full((N, L), self.pad_id, dtype=torch.long)
-        for i, y in enumerate(rollout.token_ids):
-            response[i, :len(y)] = y
-        steps = torch.arange(L)
-        valid = steps < rollout.lengths[:, None]                                        # (N, L)
-        latent = steps < rollout.num_latent[:, None]                                    # (N, L), a prefix (T12)
+        prompt, prompt_mask = decode.left_pad(rollout.prompt_ids, self.pad_id)         # (N, Lp)
+        response, valid = decode.right_pad(rollout.token_ids, self.pad_id)              # (N, L)
+        latent = torch.arange(L) < rollout.num_latent[:, None]                          # (N, L), a prefix (T12)
         mask = torch.cat([prompt_mask, valid.long()], 1).to(dev)
         topk_ids = torch.cat(rollout.topk_ids).to(dev)                                  # (n_latent, K)
         topk_scores = torch.cat(rollout.topk_scores).to(dev)                            # (n_latent, K)
@@ -740,27 +743,38 @@ class LatentGRPO:
             x = E[torch.cat([prompt.to(dev), response], 1)]                             # (N, Lp + L, d)
             x[:, prompt.shape[1]:][latent] = soft_embedding(
                 E, topk_ids, (topk_scores / cfg.gumbel_temperature).softmax(-1))
-        # logits at position t-1 score step t: keep the last L + 1 positions, drop the very last
+        # logits at position t-1 score step t: keep the last L + 1 positions. All L + 1 go into the densities (the
+        # last one with dummy ids, dropped after): a slice [:, :-1] of the (N, L + 1, V) logits would be copied
         logits = model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=L + 1).logits[:, :-1]
-        logits = _fp32(logits)                                                          # (N, L, V)
+                       logits_to_keep=L + 1).logits                                    # (N, L + 1, V), model dtype
+        # one selective log-softmax for every position, each reading what its own kind needs: a hard step its token
+        # at the answer temperature (in all K slots, the first one used), a latent step its K ids at temperature 1.
+        # One pass, so one (N, L + 1, V) gradient reaches the logits (one per kind would add a second of that size)
+        K = cfg.top_k
+        lat = F.pad(latent, (0, 1))                                                     # (N, L + 1)
+        ids = F.pad(response, (0, 1))[..., None].repeat(1, 1, K)                        # (N, L + 1, K)
+        ids[lat] = topk_ids
+        scores = torch.zeros(N, L + 1, K, dtype=topk_scores.dtype, device=dev)
+        scores[lat] = topk_scores
+        T = torch.full((N, L + 1), cfg.temperature, dtype=torch.promote_types(logits.dtype, torch.float32),
+                       device=dev).masked_fill(lat, 1.0)                             # (N, L + 1)
+        logp = decode.selective_log_softmax(logits, ids, T)                             # (N, L + 1, K), >= float32
 
-        # the two densities on a varying number of steps: compiled with dynamic shapes (Config.compile)
-        compiled = self._compiling(dev)
-        hard_density = _compiled(token_logprob, dynamic=True) if compiled else token_logprob
-        latent_density = _compiled(latent_logprob, dynamic=True) if compiled else latent_logprob
-        ell = logits.new_zeros(N, L)
-        hard = valid & ~latent
-        ell[hard] = hard_density(logits[hard], response[hard], cfg.temperature)
+        # the per-kind formulas on the gathered values: compiled with dynamic shapes (Config.compile)
+        density = decode.compiled(latent_density, dynamic=True) if self._compiling(dev) else latent_density
+        hard = F.pad(valid & ~latent, (0, 1))
+        ell = torch.where(hard, logp[..., 0], 0.0)                                      # l_t = log p_T(y_t)
         if latent.any():
-            z = logits[latent]                                                          # (n_latent, V)
             A = None
             if advantages is not None and cfg.flip_grad:
-                A = advantages[:, :L].to(dev, z.dtype).expand(N, L)[latent]             # (n_latent,)
-                # how often FlipGrad acts, logged as latent/flip_frac
-                x = gumbel_perturbation(z.detach(), topk_ids, topk_scores)
-                self.last_flip_frac = ((A[:, None] <= 0) & (x < 0)).float().mean().item()
-            ell[latent] = latent_density(z, topk_ids, topk_scores, A)
+                A = F.pad(advantages[:, :L].to(dev, logp.dtype).expand(N, L), (0, 1))   # (N, L + 1)
+                # how often FlipGrad acts, logged as latent/flip_frac: x_k = g_k - L_k at the latent steps
+                x = (scores - logp.detach())[lat]                                       # (n_latent, K)
+                self.last_flip_frac = ((A[lat][:, None] <= 0) & (x < 0)).float().mean().item()
+            # elsewhere the latent formula reads L_k = 0 (finite, no gradient): a -inf log-prob there would make
+            # FlipGrad's unused branch exp(x) infinite and its zero gradient NaN
+            ell = torch.where(lat, density(torch.where(lat[..., None], logp, 0.0), scores, A), ell)
+        ell = ell[:, :L]
         return ell
 
     # ---- advantages (spec 5.1, 6.1, 6.3) ----
@@ -795,7 +809,7 @@ class LatentGRPO:
         N, L = logprobs.shape
         valid = (torch.arange(L) < rollout.lengths[:, None]).to(logprobs.device)
         A = advantages[:, :L].to(logprobs.device).expand(N, L)
-        objective = _compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
+        objective = decode.compiled(dual_clip_loss, dynamic=True) if self._compiling(logprobs.device) else dual_clip_loss
         loss, kl, clip_ratio = objective(logprobs, old_logprobs, ref_logprobs, A, valid, cfg.epsilon,
                                          cfg.epsilon_high, cfg.dual_clip, cfg.beta, self.rows_per_mean)
         masked_invalid = rollout.truncated.float().mean().item() if cfg.invalid_mask and cfg.latent else 0.0
@@ -841,21 +855,6 @@ def eos_ids(model, tokenizer) -> set[int]:
         ids = getattr(source, "eos_token_id", None)
         found |= set(ids) if isinstance(ids, (list, tuple)) else {ids}
     return found - {None}
-
-
-def _left_pad(seqs: list[torch.Tensor], pad_id: int):
-    """(B,) ragged 1-D ids -> ids (B, T) left-padded, attention mask (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
-    return ids, mask
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 (the spec's fp32; float64 models stay float64 for exact tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import decode
 import distributed
 import latent_grpo
 
@@ -120,7 +121,8 @@ def topk_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_i
     p the student's full-vocabulary softmax gathered at the teacher's ids.
     student_logits (..., V), teacher_probs / teacher_ids (..., K) -> (...)."""
     q = teacher_probs / teacher_probs.sum(-1, keepdim=True)
-    log_p = student_logits.log_softmax(-1).gather(-1, teacher_ids)
+    # log p_k = log_softmax(z)[id_k], read at the K ids only
+    log_p = decode.selective_log_softmax(student_logits, teacher_ids)
     return (torch.special.xlogy(q, q) - q * log_p).sum(-1)
 
 
@@ -174,7 +176,7 @@ def latents(hidden: torch.Tensor, embedding: torch.Tensor, top_k: int):
     E = embedding.detach()                       # the gradient reaches the encoder only through the weights (1.4)
     logits = hidden.to(E.dtype) @ E.T                                                  # (n, V)
     top, ids = logits.topk(top_k, dim=-1)
-    w = latent_grpo._fp32(top).softmax(-1)           # at least float32 (float64 stays float64)
+    w = decode.wide(top).softmax(-1)           # at least float32 (float64 stays float64)
     return ids, w, latent_grpo.soft_embedding(E, ids, w)
 
 
@@ -281,7 +283,7 @@ class LatentSFT:
         if stage < 4:
             # 1.4: one token-level CE over the decoder's labels (shifted: the logit at Z_j predicts S_{j+1}'s first)
             _, _, Z = self.encode(model, b)
-            logits = latent_grpo._fp32(self.decoder_logits(model, b, Z))
+            logits = decode.wide(self.decoder_logits(model, b, Z))
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), b["dec_labels"][:, 1:].flatten(), ignore_index=-100)
         return self.stage2_loss(model, b)
 
@@ -306,7 +308,7 @@ class LatentSFT:
                            for qe, ie in zip(q.split(counts), ids.split(counts))])
         E = model.get_input_embeddings().weight
         x = E[b["s2_ids"]].masked_scatter(b["s2_latent"][..., None], latent_grpo.soft_embedding(E, ids, p).to(E.dtype))
-        logits = latent_grpo._fp32(model(inputs_embeds=x, attention_mask=b["s2_attention"]).logits)   # (B, T, V)
+        logits = decode.wide(model(inputs_embeds=x, attention_mask=b["s2_attention"]).logits)   # (B, T, V)
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["s2_labels"][:, 1:].flatten(), ignore_index=-100)
         # the logit one position before latent slot t (the last <think> token, then each previous latent) scores it
         before = b["s2_latent"][:, 1:]                                                 # (B, T-1)

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import bench
+import bench_memory
 import data
 from dropout_grpo import Config, DropoutGRPO
 
@@ -15,7 +16,11 @@ from dropout_grpo import Config, DropoutGRPO
 # measurement per point can give any sign).
 POSITIVE = ["latent_step_over_token_step", "soft_latent_step_over_token_step", "speedup_vs_coconut_reference",
             "speedup_vs_coconut_reference_greedy", "rl_step_seconds_dropout_grpo", "rl_step_seconds_latent_grpo",
-            "peak_memory_mb_dropout_grpo", "peak_memory_mb_latent_grpo"]
+            "peak_memory_mb_dropout_grpo", "peak_memory_mb_latent_grpo", "soft_latent_step_over_token_step_tiny",
+            "soft_full_draw_over_token_step_tiny", "soft_latent_step_over_token_step_s1_tiny",
+            "soft_full_draw_over_token_step_s1_tiny",
+            "peak_memory_mb_per_row_dropout_grpo_tiny", "peak_memory_mb_per_row_latent_grpo_tiny",
+            "peak_memory_mb_per_row_rollout_dropout_grpo_tiny", "peak_memory_mb_per_row_rollout_latent_grpo_tiny"]
 FINITE = ["rl_step_seconds_per_latent_step_dropout_grpo",
           "rl_step_seconds_per_latent_step_latent_grpo", "rl_step_group_size_exponent_dropout_grpo",
           "rl_step_group_size_exponent_latent_grpo"]
@@ -76,3 +81,13 @@ def test_coconut_reference_port_gives_our_greedy_answers(thoughts):
 def test_gpu_section_is_skipped_with_a_note_on_cpu(tmp_path):
     result = bench.main(["--items", "gpu", "--out", str(tmp_path / "bench.json")])
     assert result["items"]["gpu"] == {"skipped": "no CUDA device"}
+
+
+def test_per_row_fit_is_the_slope_over_rows():
+    """peak = fixed + rows x per_row from two measured points (bench_memory.fit), in MiB."""
+    MiB = 2**20
+    points = [{"rows": r, "resident": 100 * MiB, "rollout": (10 + 3 * r) * MiB, "update": (50 + 7 * r) * MiB,
+               "positions": 22, "prompt_tokens": 9, "method": "m"} for r in (2, 6)]
+    f = bench_memory.fit("latent_grpo", "tiny", points, 6, 16)
+    assert (f["rollout_per_row_mb"], f["rollout_fixed_mb"], f["update_per_row_mb"], f["update_fixed_mb"]) == \
+           (3, 10, 7, 50)

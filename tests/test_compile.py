@@ -6,12 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import data
 import dropout_grpo as dg
 import latent_grpo as lg
-from compat import cache_arg
 
 QUESTIONS = ["Ann has 3 pens.", "Ben has 12 cards. Then Ben finds 4 more."]
 
@@ -111,48 +110,3 @@ def test_latent_grpo_compiled_matches_eager():
         assert_same_rollout(eager, compiled, ("texts", "token_ids", "topk_ids", "num_latent", "lengths", "truncated"),
                             ("topk_scores",))
     assert_all_close(rest, rest_c)
-
-
-@pytest.mark.parametrize("module", [dg, lg])
-def test_static_cache_matches_dynamic_cache(module):
-    """The compiled step's cache, run eagerly: prefill 2 left-padded prompts into a DynamicCache, expand each over 3
-    rows into a StaticCache (full-width mask), step 4 positions; the logits equal those of the DynamicCache path, also
-    when the StaticCache is an earlier one reused, and those of a cache-free forward."""
-    model = tiny_gpt2(50)
-    prompts = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11])]
-    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
-    attn = (torch.arange(5) >= torch.tensor([[0], [3]])).long()                     # (2, 5), left padding
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    rows = torch.tensor([0, 0, 0, 1, 1, 1])
-    steps = torch.randn(4, 6, 1, 16, generator=gen(0), dtype=torch.float64)      # 4 input embeddings per row
-    logits, spare = {}, None
-    with torch.no_grad():
-        for kind in ("dynamic", "static", "reused"):
-            cache = DynamicCache()
-            model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_arg(model, cache), use_cache=True)
-            mask, position = attn[rows], pos[rows, -1:]
-            if kind == "dynamic":
-                cache.reorder_cache(rows)
-            else:
-                cache, mask = module._static_cache(cache, rows, mask, len(steps), model.config, spare)
-                assert mask.shape[1] == 64 and (cache is spare) == (kind == "reused")
-                spare = cache
-            out = []
-            for x in steps:
-                position = position + 1
-                if kind == "dynamic":
-                    mask = torch.cat([mask, mask.new_ones(6, 1)], 1)
-                if module is dg:
-                    out.append(dg._step(model, cache, mask, inputs_embeds=x, position_ids=position)[1])
-                else:
-                    out.append(lg._step(model, x, mask, position, cache))
-            logits[kind] = torch.cat(out, 1)                                      # (6, 4, V)
-    torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(logits["reused"], logits["static"], rtol=0, atol=0)
-    # and both equal one cache-free forward over each row's prompt and inputs
-    for r in range(6):
-        p = prompts[int(rows[r])]
-        x = torch.cat([model.get_input_embeddings().weight[p], steps[:, r, 0]])[None]
-        with torch.no_grad():
-            ref = model(inputs_embeds=x).logits[0, len(p):]
-        torch.testing.assert_close(logits["static"][r], ref, rtol=1e-10, atol=1e-12)

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import data
+import decode
 import dropout_grpo as dg
 from compat import cache_arg, output_cache
 from dropout_grpo import Config, DropoutGRPO, Rollout, group_advantages, sample_mask
@@ -284,8 +285,8 @@ def test_p5_recurrence_equals_cache_free_and_coconut_multipass(arch, T):
     answers = [torch.tensor(tokenizer().encode(a)) for a in ("### 7", "### 16", "<<7-2=5>>\n### 5")]
     lp = algo.logprobs(model, hand_rollout(algo, prompts, answers, [-1] * 3, T))          # (3, L)
     # Coconut's layout of the same rows: [pad] prompt <latent>xT <eot> y[:-1] [pad]
-    pre, pre_attn = dg._left_pad(prompts, algo.pad_id)
-    suffix, valid = dg._right_pad([torch.cat([torch.tensor([algo.eot_id]), a[:-1]]) for a in answers], algo.pad_id)
+    pre, pre_attn = decode.left_pad(prompts, algo.pad_id)
+    suffix, valid = decode.right_pad([torch.cat([torch.tensor([algo.eot_id]), a[:-1]]) for a in answers], algo.pad_id)
     ids = torch.cat([pre, torch.full((3, T), algo.latent_id), suffix], 1)
     attn = torch.cat([pre_attn, torch.ones(3, T, dtype=torch.long), valid.long()], 1)
     multipass = coconut_forward(model, ids, attn, coconut_positions(attn), algo.latent_id).log_softmax(-1)

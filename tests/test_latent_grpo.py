@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -222,6 +223,66 @@ def test_shift_invariance(seed, V, K, s, top_p):
     assert torch.equal(one[0], two[0])
     torch.testing.assert_close(one[1] - two[1], torch.full_like(one[1], 1.5 * s), rtol=0, atol=1e-5)  # float32 noise
     torch.testing.assert_close(one[2], two[2], rtol=0, atol=1e-5)
+
+
+def chi_square_homogeneity(a: list, b: list) -> tuple[float, int]:
+    """Two-sample chi-square statistic on categorical samples of equal size and its degrees of freedom; categories
+    expected fewer than 5 times are pooled into one."""
+    counts = {}
+    for k, sample in enumerate((a, b)):
+        for x in sample:
+            counts.setdefault(x, [0, 0])[k] += 1
+    cells, rare = [], [0, 0]
+    for c in counts.values():
+        if sum(c) / 2 < 5:
+            rare = [rare[0] + c[0], rare[1] + c[1]]
+        else:
+            cells.append(c)
+    if sum(rare):
+        cells.append(rare)
+    # equal sample sizes: chi2 = sum over cells of (a - b)^2 / (a + b)
+    return sum((x - y) ** 2 / (x + y) for x, y in cells), len(cells) - 1
+
+
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile at the normal quantile z (3.29: p = 0.0005), Wilson-Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("law, s, one_sided, head", [
+    ("peaked", 0.5, True, True),     # the reach is a few tokens: the noise is drawn for the head only
+    ("peaked", 1.0, False, True),
+    ("flat", 1.0, True, False),      # most tokens within reach: drawn over the whole vocabulary
+])
+def test_sample_latent_step_has_the_full_draws_law(law, s, one_sided, head, monkeypatch):
+    """Spec 3.1: the rollout's sampler, which draws noise only for the tokens that can reach the top K, against
+    today's definition, latent_step on noise over the whole vocabulary: the same law of the ordered top-K ids
+    (chi-square, 20,000 draws each), of g_1 and of w_1 (two-sample Kolmogorov-Smirnov), at the 0.05% level."""
+    V, K, top_p, n = 30, 3, 0.9, 20000
+    z = (torch.linspace(4, -8, V) if law == "peaked" else 0.3 * torch.randn(V, generator=torch.Generator()
+                                                                              .manual_seed(0))).double()
+    z = z[torch.randperm(V, generator=torch.Generator().manual_seed(1))].expand(n, V)
+    monkeypatch.setattr(lg, "HEAD_MIN_VOCAB", 1)                      # the head path at this small vocabulary too
+    widths = []
+    real = lg.gumbel_noise
+    monkeypatch.setattr(lg, "gumbel_noise", lambda shape, *a: widths.append(shape[-1]) or real(shape, *a))
+    new = lg.sample_latent_step(z, K, top_p, 1.0, one_sided, s, torch.Generator().manual_seed(2))
+    assert (widths[0] < V) == head
+    old = latent_step(z, real((n, V), one_sided, s, torch.Generator().manual_seed(3)).double(), K, top_p, 1.0)
+    stat, df = chi_square_homogeneity([tuple(r) for r in new[0].tolist()], [tuple(r) for r in old[0].tolist()])
+    assert df >= 5 and stat < chi_square_critical(df), (stat, df)
+    for k in (1, 2):                                                   # g_1, w_1
+        a, b = new[k][:, 0].sort().values, old[k][:, 0].sort().values
+        grid = torch.cat([a, b])
+        D = ((torch.searchsorted(a, grid, right=True) - torch.searchsorted(b, grid, right=True)).abs().max() / n)
+        assert D < 1.95 * math.sqrt(2 / n), (k, D)                     # KS critical value at about 0.1%
+
+
+def test_sample_latent_step_without_noise_is_deterministic():
+    z = 3 * torch.randn(4, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids, g, w = lg.sample_latent_step(z, 3, 0.9, 1.0, True, 0.0, torch.Generator())
+    ref = latent_step(z, 0.0, 3, 0.9, 1.0)
+    assert torch.equal(ids, ref[0]) and torch.equal(g, ref[1]) and torch.equal(w, ref[2])
 
 
 @FAST
@@ -589,6 +650,68 @@ def test_on_policy_ratio_is_one_and_labels_do_not_matter(tok, kind, seed):
                             for y, k in zip(ro.token_ids, ro.num_latent)]
     with torch.no_grad():
         assert torch.equal(algo.logprobs(model, relabelled), old)
+
+
+def per_kind_logprobs(logits, ro, cfg, A):
+    """LatentGRPO.logprobs' densities as they were first written: the rows of each kind selected from the (N, L, V)
+    logits, a log-softmax over the whole vocabulary, then a gather; FlipGrad as in the spec."""
+    N, L = logits.shape[0], logits.shape[1] - 1
+    z = logits[:, :-1]
+    steps = torch.arange(L)
+    valid, latent = steps < ro.lengths[:, None], steps < ro.num_latent[:, None]
+    hard = valid & ~latent
+    response = torch.zeros(N, L, dtype=torch.long)
+    for i, y in enumerate(ro.token_ids):
+        response[i, :len(y)] = y
+    ell = z.new_zeros(N, L)
+    ell[hard] = (z[hard] / cfg.temperature).log_softmax(-1).gather(-1, response[hard][:, None])[:, 0]
+    x = torch.cat(ro.topk_scores) - z[latent].log_softmax(-1).gather(-1, torch.cat(ro.topk_ids))
+    phi = -x - torch.exp(-x)
+    if A is not None:
+        flip = (A[latent][:, None] <= 0) & (x < 0)
+        proxy = torch.where(flip, x - torch.exp(x), phi)
+        phi = phi.detach() + (proxy - proxy.detach())
+    ell[latent] = phi.mean(-1)
+    return ell, ((A[latent][:, None] <= 0) & (x < 0)).float().mean().item() if A is not None else None
+
+
+@MODEL
+@given(kind=KINDS, seed=SEEDS, flip_grad=st.booleans())
+def test_logprobs_equal_the_per_kind_formulas(tok, kind, seed, flip_grad):
+    """One selective log-softmax over every position (a hard step's token at temperature T, a latent step's K ids at
+    temperature 1) against the densities computed per kind on the selected rows with full log-softmaxes: the same
+    values, the same gradient into the logits and the same flip fraction, float64, at a perturbed policy with
+    mixed-sign per-position advantages (FlipGrad acting)."""
+    model = tiny_model(kind, tok, seed, boost=0.1)
+    cfg = Config(max_response_length=10, max_latent_steps=1 + seed % 4, flip_grad=flip_grad)
+    algo = LatentGRPO(model, tok, cfg, add_tokens=False)
+    # </think> pushed down in the rollout: the cap ends every latent phase, so both kinds are always scored
+    low = -30.0 * F.one_hot(torch.tensor(algo.end_id), len(tok)).double()
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + low)
+    ro = algo.rollout(model, questions(seed), 3, torch.Generator().manual_seed(seed))
+    hook.remove()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn(q.shape, generator=gen, dtype=q.dtype))
+    N, L = len(ro.texts), int(ro.lengths.max())
+    A = torch.randn(N, L, generator=gen, dtype=torch.float64)
+    captured = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        ell = algo.logprobs(model, ro, A)
+    finally:
+        hook.remove()
+    (logits,) = captured                                                        # (N, L + 1, V), in the graph
+    ref, flip_frac = per_kind_logprobs(logits, ro, algo.cfg, A if flip_grad else None)
+    assert (ro.num_latent > 0).any() and (ro.lengths > ro.num_latent).any()     # both kinds are scored
+    torch.testing.assert_close(ell, ref, rtol=0, atol=1e-12)
+    w = torch.randn(N, L, generator=gen, dtype=torch.float64)                   # a generic upstream gradient
+    (grad,) = torch.autograd.grad((w * ell).sum(), logits, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad((w * ref).sum(), logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    if flip_grad:
+        assert algo.last_flip_frac == pytest.approx(flip_frac, abs=0)
 
 
 @MODEL
