@@ -6,24 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import data
 import dropout_grpo as dg
 import latent_grpo as lg
+from test_decode import gen, tiny_gpt2   # the decode tests' float64 GPT-2 and generator
 
 QUESTIONS = ["Ann has 3 pens.", "Ben has 12 cards. Then Ben finds 4 more."]
-
-
-def tiny_gpt2(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=vocab, n_positions=256, initializer_range=0.3,
-                        attn_implementation="eager", bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).double().eval()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def assert_same_rollout(eager, compiled, exact: tuple[str, ...], close: tuple[str, ...]):

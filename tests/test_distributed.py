@@ -99,15 +99,20 @@ class NoLogger:
         pass
 
 
-def sft_update(algo: str, parallel: str) -> dict:
-    args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--cot-steps", "1",
-                                            "--sft-steps", "0", "--sft-lr", "1.0"])
+def float64_setup(args, algo_cls, cfg, parallel: str):
+    """The tiny model of `args` (seed 0), its algorithm, in float64 and wrapped for `parallel`; the train records."""
     torch.manual_seed(0)
     model, tokenizer = train.build_model(args, args.model)
     method = algo_cls(model, tokenizer, cfg, add_tokens=True)
     model.double()
-    model = distributed.wrap(model, parallel)
     records, _ = train.load_data(args)
+    return distributed.wrap(model, parallel), method, records
+
+
+def sft_update(algo: str, parallel: str) -> dict:
+    args, algo_cls, cfg = train.parse_args(["--algo", algo, *TINY, *ALGO_TINY[algo], "--cot-steps", "1",
+                                            "--sft-steps", "0", "--sft-lr", "1.0"])
+    model, method, records = float64_setup(args, algo_cls, cfg, parallel)
     # stage 0 ends with an evaluation on these: the sharded one
     train.run_sft(args, method, model, records, records[:3], NoLogger(), {"sft_stage": 0}, lambda state: None)
     return full_weights(model)
@@ -133,12 +138,7 @@ def latent_sft_update(parallel: str) -> tuple[dict, dict]:
                                             "--cot-steps", "0", "--sft-steps", "1", "--sft-lr", "1.0",
                                             "--latent-sft-steps-1b", "0", "--sft-noise-scale", "0",
                                             "--seed", "1"])  # seed 1: uneven token counts over the ranks in 2
-    torch.manual_seed(0)
-    model, tokenizer = train.build_model(args, args.model)
-    method = algo_cls(model, tokenizer, cfg, add_tokens=True)
-    model.double()
-    model = distributed.wrap(model, parallel)
-    records, _ = train.load_data(args)
+    model, method, records = float64_setup(args, algo_cls, cfg, parallel)
     with adamw_as_sgd():
         train.run_sft(args, method, model, records, records[:3], NoLogger(), {"sft_stage": 1}, lambda state: None)
     encoder = {k: v.detach().cpu().clone() for k, v in method.sft.encoder.state_dict().items()}
