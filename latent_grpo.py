@@ -255,12 +255,19 @@ def _top_k_in_nucleus(logp: torch.Tensor, noise: torch.Tensor, top_k: int, top_p
     spread = noise.amax(-1, keepdim=True) - noise.amin(-1, keepdim=True)              # (n, 1)
     line = logp.topk(top_k, dim=-1).values[:, -1:] - spread
     head, order = logp.topk(int((logp >= line).sum(-1).max()), dim=-1)                 # (n, m) descending
+    return _top_k_of_head(head, order, noise.gather(-1, order), top_k, top_p)
+
+
+def _top_k_of_head(head: torch.Tensor, order: torch.Tensor, noise: torch.Tensor, top_k: int, top_p: float):
+    """Spec 3.1 steps 1, 3, 4 on the head of the law: head = L of the m most probable tokens, descending, order their
+    ids, noise their G, all (n, m) -> g, ids (n, K). Every token more probable than a head token is in the head, so
+    the head's running sum is the nucleus mass before each of its tokens exactly."""
     # 1. keep a token if the mass strictly before it is < top_p, and the K most probable
     p = head.exp()
     in_M = (p.cumsum(-1) - p) < top_p
     in_M[:, :top_k] = True
     # 3. S_v = L_v + G_v for v in M, -inf elsewhere; 4. topK(S)
-    S = (head + noise.gather(-1, order)).masked_fill(~in_M, -math.inf)
+    S = (head + noise).masked_fill(~in_M, -math.inf)
     g, j = S.topk(top_k, dim=-1)                                                       # (n, K)
     return g, order.gather(-1, j)
 
@@ -301,16 +308,11 @@ def _sample_in_head(logits, m: int, top_k: int, top_p: float, gumbel_temperature
     head, order = logits.topk(m, dim=-1)                                               # (N, m) descending
     # L = log_softmax(z), for the head alone
     head = head - logits.logsumexp(-1, keepdim=True)
-    # 1. v is in M when the mass of the tokens more probable than v is < top_p, or v is among the K most probable;
-    # every token more probable than a head token is in the head, so the head's running sum is that mass exactly
-    p = head.exp()
-    in_M = (p.cumsum(-1) - p) < top_p
-    in_M[:, :top_k] = True
-    # 2. G, for the head alone; 3. S_v = L_v + G_v on M; 4. (g_1..g_K, id_1..id_K) = topK(S)
-    S = head + gumbel_noise(head.shape, one_sided, noise_scale, generator).to(head.dtype)
-    g, j = S.masked_fill(~in_M, -math.inf).topk(top_k, dim=-1)                        # (N, K)
+    # 2. G, for the head alone; 1, 3, 4. (g_1..g_K, id_1..id_K) = topK(L + G) over M
+    g, ids = _top_k_of_head(head, order, gumbel_noise(head.shape, one_sided, noise_scale, generator).to(head.dtype),
+                            top_k, top_p)
     # 5. w = softmax(g / tau_g)
-    return order.gather(-1, j), g, (g / gumbel_temperature).softmax(-1)
+    return ids, g, (g / gumbel_temperature).softmax(-1)
 
 
 def soft_embedding(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -350,14 +352,6 @@ def token_logprob(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -
     return decode.selective_log_softmax(logits, ids.unsqueeze(-1), temperature).squeeze(-1)
 
 
-def gumbel_perturbation(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor) -> torch.Tensor:
-    """x_k = g_k - L_k(theta), L = log_softmax(z) at T = 1 (spec 4): the noise the current policy would have needed
-    to produce the stored score. logits (..., V), topk (..., K) -> (..., K). At theta_old it is the rollout's noise.
-    L is read at the K ids only (decode.selective_log_softmax), in at least float32."""
-    # x_k = g_k - log_softmax(z)[id_k]
-    return topk_scores - decode.selective_log_softmax(logits, topk_ids)
-
-
 def latent_logprob(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: torch.Tensor, advantages=None):
     """Latent step's surrogate log-density (spec 4), one value per position. logits (..., V), topk (..., K),
     advantages (...) or None. With advantages, FlipGrad reshapes the gradient; the value never changes (T5)."""
@@ -366,7 +360,8 @@ def latent_logprob(logits: torch.Tensor, topk_ids: torch.Tensor, topk_scores: to
 
 def latent_density(logp_k: torch.Tensor, topk_scores: torch.Tensor, advantages=None) -> torch.Tensor:
     """latent_logprob from L_k = log_softmax(z)[id_k] already read at the K ids (..., K) -> (...)."""
-    # x_k = g_k - L_k(theta)
+    # x_k = g_k - L_k(theta), L at T = 1: the noise the current policy would have needed to produce the stored score
+    # (at theta_old it is the rollout's noise)
     x = topk_scores - logp_k                                                           # (..., K)
     # phi(x) = -x - exp(-x): log-density of a standard Gumbel at x
     phi = -x - torch.exp(-x)

@@ -152,7 +152,7 @@ def test_selective_log_softmax_saves_no_vocabulary_sized_copy():
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_latent_grpo_densities_equal_the_full_formulas(flip):
-    """token_logprob, gumbel_perturbation, latent_logprob (FlipGrad on and off) and the Latent-SFT top-K KL against
+    """token_logprob, latent_logprob (FlipGrad on and off) and the Latent-SFT top-K KL against
     the formulas they had before, log_softmax over the vocabulary then gather: values and gradients, float64."""
     g = gen(3)
     n, V, K = 11, 37, 4
@@ -174,7 +174,6 @@ def test_latent_grpo_densities_equal_the_full_formulas(flip):
     q = torch.rand(n, K, generator=g, dtype=torch.float64)
     pairs = [
         (lambda z: lg.token_logprob(z, ids, 0.6), lambda z: full_log_softmax(z, ids[:, None], 0.6)[:, 0]),
-        (lambda z: lg.gumbel_perturbation(z, topk_ids, scores), lambda z: scores - full_log_softmax(z, topk_ids)),
         (lambda z: lg.latent_logprob(z, topk_ids, scores, A), old_latent),
         (lambda z: ls.topk_kl(z, q, topk_ids),
          lambda z: (torch.special.xlogy(q / q.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True))
